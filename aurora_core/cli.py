@@ -1,0 +1,34 @@
+"""The command line every pipeline script shares: ``--config FILE`` plus ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from aurora_core.config import DEFAULT_CONFIG, REPO_ROOT, AuroraConfig, ConfigError, load_config
+
+
+def setup_logging() -> None:
+    level = os.environ.get("AURORA_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every pipeline script shares: --config FILE and key=value overrides."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. data.synthetic.train_clips=32 run.name=exp1")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AuroraConfig:
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: invalid configuration: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

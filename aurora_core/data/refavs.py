@@ -1,0 +1,267 @@
+"""Reader for the official Ref-AVS release layout (GeWu-Lab, ECCV 2024), also written by our generator.
+
+Layout (DESIGN.md §3)::
+
+    <root>/metadata.csv                             columns exactly vid,uid,split,fid,exp
+    <root>/media/<vid>/frames/{0..N-1}.jpg          first frame of each 1-s snippet
+    <root>/media/<vid>/audio.wav
+    <root>/gt_mask/<vid>/fid_<fid>/{00000..}.png    foreground = any channel > 0
+    <root>/cot.jsonl                                optional: {"uid", "cot"} structured CoT targets
+
+The class of a row is ``uid.split("_")[-2]``. Rows of class ``null`` (all of test_n, some of train)
+have empty masks whether or not mask files exist. Rows whose split is not one of :data:`SPLITS`
+(the public CSV has ``TODO`` rows) are skipped and counted.
+
+Decisions on inputs the release does not pin down:
+- audio at another sample rate is resampled (scipy's polyphase filter) to ``data.sample_rate``;
+  multi-channel audio is averaged to mono. Non-WAV containers are rejected.
+- a mask whose size differs from its frame is rejected: a silently rescaled mask could be misaligned.
+- without ``cot.jsonl`` (the public release has none) the CoT target is a generic four-step template
+  built from the expression and class (:func:`template_cot`); supply the paper's CoT annotations as
+  ``cot.jsonl`` for a faithful stage 1.
+
+Errors: file-level problems (missing/empty CSV, wrong columns) raise :class:`DatasetError`; a bad
+row raises :class:`BadRow` naming the uid, the file and what is wrong, which the converter either
+stops on (strict) or quarantines (lenient).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, encode_png
+
+from aurora_core import reasoning
+
+COLUMNS = ("vid", "uid", "split", "fid", "exp")
+SPLITS = ("train", "val", "test_s", "test_u", "test_n")
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be read (the message names the file and the fix)."""
+
+
+class BadRow(ValueError):
+    def __init__(self, uid: str, file: str, reason: str):
+        super().__init__(f"row {uid!r}: {file}: {reason}")
+        self.uid, self.file, self.reason = uid, file, reason
+
+    def as_quarantine(self) -> dict[str, str]:
+        return {"uid": self.uid, "file": self.file, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class MetaRow:
+    line: int  # line number in metadata.csv (header = 1)
+    vid: str
+    uid: str
+    split: str
+    fid: str
+    exp: str
+    problem: str | None = None  # found while reading the CSV; raised when the row is loaded
+
+    @property
+    def cls(self) -> str:
+        parts = self.uid.split("_")
+        return parts[-2] if len(parts) >= 3 else ""
+
+
+def _has_undecodable(s: str) -> bool:
+    # surrogateescape maps bytes that are not UTF-8 to lone surrogates U+DC80..U+DCFF
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
+def read_metadata(root: Path) -> tuple[list[MetaRow], Counter[str]]:
+    """Rows of the known splits, in file order, and the count of rows skipped per other split."""
+    path = Path(root) / "metadata.csv"
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: the dataset root must contain metadata.csv")
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise DatasetError(f"{path} is empty: expected the header {','.join(COLUMNS)} and one row per expression")
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        if sorted(header) != sorted(COLUMNS):
+            missing = [c for c in COLUMNS if c not in header]
+            extra = [c for c in header if c not in COLUMNS]
+            raise DatasetError(
+                f"{path}: columns are {','.join(header)}; expected exactly {','.join(COLUMNS)}"
+                + (f" (missing: {','.join(missing)})" if missing else "")
+                + (f" (unexpected: {','.join(extra)})" if extra else ""))
+        idx = {c: header.index(c) for c in COLUMNS}
+        rows: list[MetaRow] = []
+        skipped: Counter[str] = Counter()
+        first_line: dict[str, int] = {}
+        for line_no, fields in enumerate(reader, start=2):
+            if not fields or all(not x.strip() for x in fields):
+                continue  # blank line
+            problem = None
+            if len(fields) != len(COLUMNS):
+                problem = f"line {line_no} has {len(fields)} fields, expected {len(COLUMNS)}"
+                fields = (fields + [""] * len(COLUMNS))[: len(COLUMNS)]
+            vals = {c: fields[idx[c]].strip() for c in COLUMNS}
+            if vals["split"] not in SPLITS:
+                skipped[vals["split"] or "<empty>"] += 1
+                continue
+            uid = vals["uid"]
+            bad_cols = [c for c in COLUMNS if _has_undecodable(vals[c])]
+            if problem is None and bad_cols:
+                problem = (f"line {line_no}: column {','.join(bad_cols)} holds bytes that are not UTF-8; "
+                           "re-save metadata.csv as UTF-8")
+                uid = uid.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if problem is None and len(uid.split("_")) < 3:
+                problem = f"line {line_no}: uid {uid!r} does not have the form <vid>_<class>_<n>"
+            if problem is None and not vals["exp"]:
+                problem = f"line {line_no}: empty expression"
+            if problem is None and uid in first_line:
+                problem = f"line {line_no}: duplicate uid (first on line {first_line[uid]})"
+            first_line.setdefault(uid, line_no)
+            rows.append(MetaRow(line_no, vals["vid"], uid, vals["split"], vals["fid"], vals["exp"], problem))
+    if not rows and not skipped:
+        raise DatasetError(f"{path} has a header but no rows")
+    return rows, skipped
+
+
+def read_cot(root: Path) -> dict[str, str] | None:
+    """uid -> CoT target from ``cot.jsonl`` if the dataset has one."""
+    path = Path(root) / "cot.jsonl"
+    if not path.is_file():
+        return None
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                out[str(obj["uid"])] = str(obj["cot"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DatasetError(f"{path}:{n}: expected a JSON object with 'uid' and 'cot' ({e})") from None
+    return out
+
+
+def template_cot(exp: str, cls: str) -> str:
+    """Generic four-step CoT for datasets without CoT annotations (see the module docstring)."""
+    name = reasoning.answer_name(cls)
+    match = ("The referred object is not in the video" if cls == reasoning.NULL_CLASS
+             else f"The referred object is the {name}")
+    return reasoning.cot_answer("I look at the objects in the frames", "I listen to the sounds in the audio",
+                                f"The reference asks for {exp.rstrip('.')}", match, cls)
+
+
+def safe_path(root: Path, *parts: str) -> Path:
+    """``root/parts...`` or ValueError if any part could leave ``root`` (.., absolute, separators, symlinks)."""
+    for p in parts:
+        if not p or p in (".", "..") or "\x00" in p or "/" in p or "\\" in p or os.path.isabs(p):
+            raise ValueError(f"path component {p!r} is not a plain name inside the dataset root")
+    root_r = Path(root).resolve()
+    path = root_r.joinpath(*parts)
+    if not path.resolve().is_relative_to(root_r):
+        raise ValueError(f"{path} resolves to {path.resolve()}, outside the dataset root {root_r}")
+    return path
+
+
+class RowLoader:
+    """Reads and validates one metadata row's files into a shard row (a dict of Parquet columns)."""
+
+    def __init__(self, root: Path, num_frames: int, sample_rate: int, cot: dict[str, str] | None):
+        self.root = Path(root).resolve()
+        self.num_frames = num_frames
+        self.sample_rate = sample_rate
+        self.cot = cot
+
+    def _file(self, row: MetaRow, *parts: str) -> tuple[Path, str]:
+        rel = "/".join(parts)
+        try:
+            return safe_path(self.root, *parts), rel
+        except ValueError as e:
+            raise BadRow(row.uid, rel, f"unsafe path: {e}") from None
+
+    def _read(self, row: MetaRow, what: str, *parts: str) -> tuple[bytes, str]:
+        path, rel = self._file(row, *parts)
+        if not path.is_file():
+            raise BadRow(row.uid, rel, f"missing {what}")
+        data = path.read_bytes()
+        if not data:
+            raise BadRow(row.uid, rel, f"zero-byte {what}")
+        return data, rel
+
+    def load(self, row: MetaRow) -> dict[str, Any]:
+        if row.problem:
+            raise BadRow(row.uid, "metadata.csv", row.problem)
+        cls = row.cls
+        frames, sizes = [], []
+        for t in range(self.num_frames):
+            data, rel = self._read(row, "frame", "media", row.vid, "frames", f"{t}.jpg")
+            try:
+                img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            except RuntimeError as e:
+                raise BadRow(row.uid, rel, f"unreadable or truncated JPEG ({str(e).split(', ')[-1]})") from None
+            frames.append(data)
+            sizes.append(tuple(img.shape[-2:]))
+        audio = self._load_audio(row)
+        if cls == reasoning.NULL_CLASS:
+            masks = [_encode_mask(np.zeros(s, dtype=bool)) for s in sizes]
+        else:
+            masks = [self._load_mask(row, t, sizes[t]) for t in range(self.num_frames)]
+        if self.cot is not None and row.uid not in self.cot:
+            raise BadRow(row.uid, "cot.jsonl", "no CoT target for this uid")
+        cot = self.cot[row.uid] if self.cot is not None else template_cot(row.exp, cls)
+        return {
+            "vid": row.vid, "uid": row.uid, "split": row.split, "fid": row.fid, "class": cls,
+            "exp": row.exp, "has_target": cls != reasoning.NULL_CLASS, "frames": frames,
+            "audio": audio, "sample_rate": self.sample_rate, "masks": masks, "cot": cot,
+            "height": sizes[0][0], "width": sizes[0][1],
+        }
+
+    def _load_audio(self, row: MetaRow) -> bytes:
+        data, rel = self._read(row, "audio", "media", row.vid, "audio.wav")
+        try:
+            info = sf.info(io.BytesIO(data))
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise BadRow(row.uid, rel, f"not a readable WAV file ({e})") from None
+        if info.format not in ("WAV", "WAVEX"):
+            raise BadRow(row.uid, rel, f"audio is {info.format}, expected WAV")
+        if info.frames == 0:
+            raise BadRow(row.uid, rel, "audio has no samples")
+        try:
+            wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise BadRow(row.uid, rel, f"unreadable WAV data ({e})") from None
+        wav = wav.mean(axis=1)
+        if sr != self.sample_rate:
+            from scipy.signal import resample_poly  # well-tested anti-aliased polyphase resampler
+
+            g = math.gcd(sr, self.sample_rate)
+            wav = resample_poly(wav, self.sample_rate // g, sr // g).astype(np.float32)
+        buf = io.BytesIO()
+        sf.write(buf, np.clip(wav, -1.0, 1.0), self.sample_rate, format="FLAC", subtype="PCM_16")
+        return buf.getvalue()
+
+    def _load_mask(self, row: MetaRow, t: int, frame_size: tuple[int, int]) -> bytes:
+        data, rel = self._read(row, "mask", "gt_mask", row.vid, f"fid_{row.fid}", f"{t:05d}.png")
+        try:
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise BadRow(row.uid, rel, f"unreadable mask image ({str(e).split(', ')[-1]})") from None
+        if tuple(img.shape[-2:]) != frame_size:
+            raise BadRow(row.uid, rel, f"mask is {img.shape[-2]}x{img.shape[-1]} but frame {t}.jpg is "
+                                       f"{frame_size[0]}x{frame_size[1]}; masks must match their frame")
+        return _encode_mask((img.amax(dim=0) > 0).numpy())
+
+
+def _encode_mask(mask: np.ndarray) -> bytes:
+    """Binary mask -> 8-bit grey PNG with 0/255 (the same encoding whatever the source used)."""
+    return encode_png(torch.from_numpy(mask.astype(np.uint8) * 255)[None]).numpy().tobytes()

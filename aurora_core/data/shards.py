@@ -1,0 +1,263 @@
+"""Parquet shards: conversion from the Ref-AVS layout, and the Ray Data pipeline that reads them.
+
+Shard set layout::
+
+    <shards>/manifest.json                 written last: its presence marks a complete set
+    <shards>/<split>/part-<k>.parquet      one row per expression (SCHEMA)
+    <shards>/quarantine.jsonl              lenient mode only: {uid, file, reason} per rejected row
+
+Conversion streams: rows are cut into chunks of ``data.rows_per_shard``; a process pool reads and
+validates each chunk and writes its shard itself, so the parent only holds counts and memory stays
+bounded by (workers x in-flight chunks x shard size) whatever the dataset size. The whole set is
+built in a staging directory and swapped into place (aurora_core.data.atomic).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing as mp
+import sys
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from aurora_core.config import DataConfig
+from aurora_core.data.atomic import staged_dir
+from aurora_core.data.refavs import SPLITS, BadRow, MetaRow, RowLoader, read_cot, read_metadata
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = pa.schema([
+    ("vid", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("fid", pa.string()),
+    ("class", pa.string()), ("exp", pa.string()), ("has_target", pa.bool_()),
+    ("frames", pa.list_(pa.binary())),  # JPEG bytes as released, one per frame
+    ("audio", pa.binary()),  # FLAC (lossless) mono at sample_rate
+    ("sample_rate", pa.int32()),
+    ("masks", pa.list_(pa.binary())),  # 8-bit PNG, 0 = background, 255 = target
+    ("cot", pa.string()),  # ground-truth structured chain of thought
+    ("height", pa.int32()), ("width", pa.int32()),  # of frame 0, as released
+])
+
+
+@dataclass
+class ConversionSummary:
+    out: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_quarantined: int = 0
+    rows_skipped_by_split: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def render(self) -> str:
+        skipped = sum(self.rows_skipped_by_split.values())
+        lines = [f"shards: {self.out}",
+                 f"rows read {self.rows_read} = kept {self.rows_kept} + quarantined {self.rows_quarantined}"
+                 f" + skipped by split {skipped}"
+                 + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.rows_skipped_by_split.items()))})"
+                    if skipped else ""),
+                 "rows per split: " + ", ".join(f"{s} {self.counts.get(s, 0)}" for s in SPLITS),
+                 f"took {self.seconds:.1f}s"]
+        return "\n".join(lines)
+
+
+def _convert_chunk(root: str, rows: list[MetaRow], idx: int, out: str, num_frames: int, sample_rate: int,
+                   cot: dict[str, str] | None, lenient: bool) -> tuple[dict[str, int], list[dict], dict | None]:
+    """Worker: load one chunk, write its shard(s); return (kept per split, quarantined, strict error)."""
+    loader = RowLoader(Path(root), num_frames, sample_rate, cot)
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    quarantined: list[dict] = []
+    for row in rows:
+        try:
+            rec = loader.load(row)
+        except BadRow as e:
+            if not lenient:
+                return {}, [], {**e.as_quarantine(), "line": row.line}
+            quarantined.append({**e.as_quarantine(), "line": row.line})
+            continue
+        by_split.setdefault(rec["split"], []).append(rec)
+    for split, recs in by_split.items():
+        (Path(out) / split).mkdir(exist_ok=True)
+        table = pa.Table.from_pylist(recs, schema=SCHEMA)
+        pq.write_table(table, Path(out) / split / f"part-{idx:05d}.parquet", compression="zstd")
+    return {s: len(r) for s, r in by_split.items()}, quarantined, None
+
+
+def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int | None = None,
+            config: dict[str, Any] | None = None, lenient: bool | None = None,
+            progress: bool = True) -> ConversionSummary:
+    """Convert a dataset in the official layout at ``root`` into a shard set at ``out``.
+
+    Strict mode raises the first :class:`BadRow` (in metadata order) and leaves ``out`` untouched.
+    """
+    t0 = time.time()
+    lenient = data.lenient if lenient is None else lenient
+    root, out = Path(root).resolve(), Path(out).resolve()
+    rows, skipped = read_metadata(root)
+    cot = read_cot(root)
+    chunks = [rows[i:i + data.rows_per_shard] for i in range(0, len(rows), data.rows_per_shard)]
+    summary = ConversionSummary(out=str(out), rows_read=len(rows) + sum(skipped.values()),
+                                rows_skipped_by_split=dict(skipped))
+    log.info("converting %d rows from %s into %d chunks (%s mode, %d workers)", len(rows), root,
+             len(chunks), "lenient" if lenient else "strict", data.conversion_workers)
+    counts: Counter[str] = Counter()
+    quarantine: list[dict] = []
+    with staged_dir(out) as tmp:
+        def args(i: int) -> tuple:
+            sub = None if cot is None else {r.uid: cot[r.uid] for r in chunks[i] if r.uid in cot}
+            return (str(root), chunks[i], i, str(tmp), data.num_frames, data.sample_rate, sub, lenient)
+
+        bar = tqdm(total=len(rows), unit="row", desc="shards", disable=not progress, file=sys.stderr)
+        for kept, bad, err in _run_chunks(args, len(chunks), data.conversion_workers):
+            if err is not None:
+                bar.close()
+                raise BadRow(err["uid"], err["file"], err["reason"] + f" (metadata.csv line {err['line']})")
+            counts.update(kept)
+            quarantine.extend(bad)
+            bar.update(sum(kept.values()) + len(bad))
+        bar.close()
+        if lenient:
+            with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as f:
+                for q in quarantine:
+                    f.write(json.dumps(q) + "\n")
+        summary.rows_kept = sum(counts.values())
+        summary.rows_quarantined = len(quarantine)
+        summary.counts = {s: counts.get(s, 0) for s in SPLITS}
+        assert summary.rows_read == summary.rows_kept + summary.rows_quarantined + sum(skipped.values())
+        summary.seconds = time.time() - t0
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "source": source, "seed": seed, "root": str(root),
+            "counts": summary.counts, "rows_read": summary.rows_read, "rows_kept": summary.rows_kept,
+            "rows_quarantined": summary.rows_quarantined, "rows_skipped_by_split": summary.rows_skipped_by_split,
+            "num_frames": data.num_frames, "sample_rate": data.sample_rate, "has_cot_annotations": cot is not None,
+            "files": {s: sorted(p.name for p in (tmp / s).glob("*.parquet")) for s in SPLITS if (tmp / s).is_dir()},
+            "config": config or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if quarantine:
+        log.warning("%d rows quarantined, see %s", len(quarantine), out / "quarantine.jsonl")
+    return summary
+
+
+def _run_chunks(args, n: int, workers: int) -> Iterable[tuple[dict, list, dict | None]]:
+    """Results in chunk order; at most 2 x workers chunks in flight (bounded memory)."""
+    if workers == 1 or n <= 1:
+        for i in range(n):
+            yield _convert_chunk(*args(i))
+        return
+    # spawn: the parent may hold Ray or torch threads, which fork does not copy safely.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        pending: dict[int, Future] = {}
+        nxt = 0
+        for i in range(n):
+            while nxt < n and len(pending) < 2 * workers:
+                pending[nxt] = ex.submit(_convert_chunk, *args(nxt))
+                nxt += 1
+            while not pending[i].done():
+                wait(list(pending.values()), return_when=FIRST_COMPLETED)
+            result = pending.pop(i).result()
+            if result[2] is not None:
+                for f in pending.values():
+                    f.cancel()
+            yield result
+
+
+# --------------------------------------------------------------------------- reading
+
+def load_manifest(shards: Path) -> dict[str, Any]:
+    path = Path(shards) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no complete shard set at {shards} (manifest.json missing): run "
+            f"`python pipelines/prepare_data.py` (or give data.shards=DIR)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')} but this code reads "
+                         f"{SCHEMA_VERSION}; re-run pipelines/prepare_data.py")
+    return manifest
+
+
+def split_files(shards: Path, splits: Iterable[str]) -> list[str]:
+    manifest = load_manifest(shards)
+    files = []
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"unknown split {s!r}; splits are {', '.join(SPLITS)}")
+        files += [str(Path(shards) / s / f) for f in manifest["files"].get(s, [])]
+    if not files:
+        raise ValueError(f"shard set {shards} has no rows for splits {list(splits)}")
+    return files
+
+
+def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int, sample_rate: int,
+                 audio_seconds: float) -> dict[str, np.ndarray]:
+    """Shard rows -> fixed-shape arrays: frames uint8 [B,T,3,S,S], masks uint8 [B,T,S,S] (0/1),
+    audio float32 [B,L] at ``sample_rate`` padded/cut to ``audio_seconds``."""
+    import soundfile as sf
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    n = len(batch["uid"])
+    S, L = frame_size, int(round(audio_seconds * sample_rate))
+    frames = np.empty((n, num_frames, 3, S, S), dtype=np.uint8)
+    masks = np.empty((n, num_frames, S, S), dtype=np.uint8)
+    audio = np.zeros((n, L), dtype=np.float32)
+    for i in range(n):
+        jpgs, pngs = list(batch["frames"][i]), list(batch["masks"][i])
+        if len(jpgs) != num_frames or len(pngs) != num_frames:
+            raise ValueError(f"row {batch['uid'][i]}: {len(jpgs)} frames / {len(pngs)} masks, "
+                             f"expected data.num_frames={num_frames}")
+        imgs = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                for b in jpgs]
+        frames[i] = TF.resize(torch.stack(imgs), [S, S], antialias=True).numpy()
+        ms = torch.stack([decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in pngs])
+        ms = TF.resize(ms, [S, S], interpolation=InterpolationMode.NEAREST)
+        masks[i] = (ms[:, 0] > 0).numpy()
+        wav, sr = sf.read(io.BytesIO(batch["audio"][i]), dtype="float32")
+        if sr != sample_rate:
+            raise ValueError(f"row {batch['uid'][i]}: audio at {sr} Hz, expected data.sample_rate={sample_rate}; "
+                             "re-run prepare_data with this sample rate")
+        audio[i, : min(L, len(wav))] = wav[:L]
+    out = {k: np.asarray(batch[k]) for k in ("uid", "vid", "split", "class", "exp", "cot")}
+    out.update(has_target=np.asarray(batch["has_target"], dtype=bool), frames=frames, masks=masks, audio=audio)
+    return out
+
+
+def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch_size: int = 16,
+                 shuffle_seed: int | None = None):
+    """A Ray Dataset of decoded, fixed-shape clips of the given splits (lazy, streaming)."""
+    import ray.data
+
+    splits = list(splits)
+    ds = ray.data.read_parquet(split_files(shards, splits), schema=SCHEMA)
+    if shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=shuffle_seed)
+    return ds.map_batches(
+        decode_batch, batch_size=batch_size, batch_format="numpy",
+        fn_kwargs=dict(frame_size=data.frame_size, num_frames=data.num_frames, sample_rate=data.sample_rate,
+                       audio_seconds=data.audio_seconds))
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """For ``iter_torch_batches(collate_fn=collate)``: arrays -> tensors, string columns -> lists."""
+    import torch
+
+    return {k: (v.tolist() if v.dtype == object or v.dtype.kind in "US" else torch.from_numpy(np.ascontiguousarray(v)))
+            for k, v in batch.items()}
+
+
+def summary_json(s: ConversionSummary) -> str:
+    return json.dumps(asdict(s), indent=1)

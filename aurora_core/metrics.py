@@ -1,0 +1,242 @@
+"""Ref-AVS evaluation metrics: J (mask IoU), F (max F-measure) and S (foreground on the null set).
+
+The per-frame definitions follow the official GeWu-Lab/Ref-AVS code (``utils/metric/utility.py``):
+
+* J: ``sigmoid(logit) > 0.4`` against the ground truth, intersection / (union + 1e-7); a frame
+  with an empty ground truth scores its true-negative pixels / all its pixels.
+* F: for frames with a non-empty ground truth, precision and recall of ``sigmoid(logit) >= t`` for
+  ``t in linspace(0, 1 - 1e-10, 255)`` (float32, so the last threshold is exactly 1.0),
+  F = 1.3 P R / (0.3 P + R) with NaN -> 0, averaged over frames; the score is the curve's maximum.
+* S (``test_n`` only): sqrt(foreground pixels / all pixels) with ``sigmoid(logit) > 0.5``.
+
+Aggregation differs on purpose. The official evaluation loop (``scripts/train.py``) computes each
+metric per batch of 4 clips and averages the batch values with equal weight: J and S are means of
+per-batch values, F is the mean of per-batch maxima (a batch without any non-empty ground truth
+adds 0.0), and S takes one square root per batch. Here every metric is computed over all frames
+given: J is the frame mean, F the maximum of the frame-averaged curve, S one square root over the
+whole set. That makes a table entry independent of batch size and order, which is what a table
+needs; expect small differences from numbers produced by the official script.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+
+J_THRESHOLD = 0.4
+S_THRESHOLD = 0.5
+F_BETA2 = 0.3
+F_NUM_THRESHOLDS = 255
+
+_IOU_EPS = 1e-7
+_PR_EPS = 1e-20
+# Pixels processed per chunk: bounds the temporaries (sigmoid, bucket codes) for long splits.
+_CHUNK_PIXELS = 1 << 22
+
+TABLE_COLUMNS = ("Seen J", "Seen F", "Unseen J", "Unseen F", "Mix J", "Mix F", "Null S")
+
+
+def _check_pred(pred: torch.Tensor) -> None:
+    if not isinstance(pred, torch.Tensor):
+        raise ValueError(f"pred must be a torch.Tensor, got {type(pred).__name__}")
+    if pred.ndim != 3:
+        raise ValueError(f"pred must have shape [N, H, W], got {tuple(pred.shape)}")
+    if pred.numel() == 0:
+        raise ValueError(f"pred is empty: shape {tuple(pred.shape)}")
+    if not pred.is_floating_point():
+        raise ValueError(f"pred must hold float logits, got dtype {pred.dtype}")
+
+
+def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Validate a (logits, ground truth) pair; return the ground truth as bool on pred's device."""
+    _check_pred(pred)
+    if not isinstance(gt, torch.Tensor):
+        raise ValueError(f"gt must be a torch.Tensor, got {type(gt).__name__}")
+    if gt.shape != pred.shape:
+        raise ValueError(f"pred and gt shapes differ: {tuple(pred.shape)} vs {tuple(gt.shape)}")
+    gt = gt.to(pred.device)
+    # The official code multiplies by the mask, so e.g. a 0/255 mask would silently give garbage.
+    if gt.dtype != torch.bool and ((gt != 0) & (gt != 1)).any():
+        raise ValueError("gt must be binary (values 0 and 1 only)")
+    return gt.bool()
+
+
+def _chunks(pred: torch.Tensor) -> Iterator[slice]:
+    n, h, w = pred.shape
+    step = max(1, _CHUNK_PIXELS // (h * w))
+    for start in range(0, n, step):
+        yield slice(start, start + step)
+
+
+def _probs(pred: torch.Tensor) -> torch.Tensor:
+    # float32 like the official code, so threshold comparisons round the same way.
+    return torch.sigmoid(pred.float()).flatten(1)
+
+
+def _iou_sum(pred: torch.Tensor, gt: torch.Tensor, threshold: float) -> float:
+    """Sum over frames of the per-frame J."""
+    num_pixels = pred.shape[1] * pred.shape[2]
+    total = torch.zeros((), dtype=torch.float64, device=pred.device)
+    for sl in _chunks(pred):
+        fg = _probs(pred[sl]) > threshold
+        g = gt[sl].flatten(1)
+        inter = (fg & g).sum(1)
+        union = (fg | g).sum(1)
+        empty = ~g.any(1)
+        inter = torch.where(empty, (~fg & ~g).sum(1), inter)
+        union = torch.where(empty, torch.full_like(union, num_pixels), union)
+        total += (inter.double() / (union.double() + _IOU_EPS)).sum()
+    return total.item()
+
+
+def _f_curve_sum(
+    pred: torch.Tensor, gt: torch.Tensor, beta2: float, num_thresholds: int
+) -> tuple[torch.Tensor, int]:
+    """Sum of per-frame F curves (float64, CPU) over frames with non-empty gt, and their count."""
+    thresholds = torch.linspace(0, 1 - 1e-10, num_thresholds).to(pred.device)
+    buckets = num_thresholds + 1
+    total = torch.zeros(num_thresholds, dtype=torch.float64, device=pred.device)
+    count = 0
+    for sl in _chunks(pred):
+        g = gt[sl].flatten(1)
+        keep = g.any(1)
+        # Filtering per chunk avoids copying the whole split just to drop empty-gt frames.
+        p, g = _probs(pred[sl])[keep], g[keep]
+        c = p.shape[0]
+        if c == 0:
+            continue
+        count += c
+        # bucket[k] = number of thresholds <= p, so a pixel is predicted at threshold i iff i < k.
+        # One histogram per (frame, gt value) replaces a [frames, thresholds, pixels] comparison.
+        bucket = torch.searchsorted(thresholds, p, right=True)
+        frame = torch.arange(c, device=p.device).unsqueeze(1)
+        codes = bucket + buckets * g.long() + 2 * buckets * frame
+        hist = torch.bincount(codes.flatten(), minlength=2 * buckets * c).view(c, 2, buckets)
+        at_or_above = hist.flip(-1).cumsum(-1).flip(-1)[..., 1:]  # [c, gt value, threshold]
+        tp = at_or_above[:, 1].float()
+        n_pred = at_or_above.sum(1).float()
+        n_gt = g.sum(1, keepdim=True).float()
+        # float32 arithmetic in the official order; only the cross-frame sum is float64.
+        prec = tp / (n_pred + _PR_EPS)
+        rec = tp / (n_gt + _PR_EPS)
+        f = (1 + beta2) * prec * rec / (beta2 * prec + rec)
+        f = torch.where(torch.isnan(f), torch.zeros_like(f), f)
+        total += f.double().sum(0)
+    return total.cpu(), count
+
+
+def _fg_count(pred: torch.Tensor, threshold: float) -> int:
+    return sum(int((_probs(pred[sl]) > threshold).sum().item()) for sl in _chunks(pred))
+
+
+def mask_iou(pred: torch.Tensor, gt: torch.Tensor, threshold: float = J_THRESHOLD) -> float:
+    """J: frame-mean IoU of ``sigmoid(pred) > threshold``; empty-gt frames score the TN fraction."""
+    gt = _check_pair(pred, gt)
+    return _iou_sum(pred, gt, threshold) / pred.shape[0]
+
+
+def f_measure(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    beta2: float = F_BETA2,
+    num_thresholds: int = F_NUM_THRESHOLDS,
+) -> float:
+    """F: maximum of the F curve averaged over frames with non-empty gt (0.0 if there are none)."""
+    gt = _check_pair(pred, gt)
+    curve_sum, count = _f_curve_sum(pred, gt, beta2, num_thresholds)
+    return (curve_sum / count).max().item() if count else 0.0
+
+
+def null_s(pred: torch.Tensor, threshold: float = S_THRESHOLD) -> float:
+    """S: sqrt(foreground pixels / all pixels) over the whole set, ``sigmoid(pred) > threshold``."""
+    _check_pred(pred)
+    return math.sqrt(_fg_count(pred, threshold) / pred.numel())
+
+
+class SplitMetrics:
+    """Accumulates J, F and S over batches without keeping masks; equals the one-shot functions."""
+
+    def __init__(
+        self,
+        j_threshold: float = J_THRESHOLD,
+        s_threshold: float = S_THRESHOLD,
+        beta2: float = F_BETA2,
+        num_thresholds: int = F_NUM_THRESHOLDS,
+    ) -> None:
+        self.j_threshold = j_threshold
+        self.s_threshold = s_threshold
+        self.beta2 = beta2
+        self.num_thresholds = num_thresholds
+        self.num_frames = 0
+        self._iou_sum = 0.0
+        self._f_sum = torch.zeros(num_thresholds, dtype=torch.float64)
+        self._f_frames = 0
+        self._fg_pixels = 0
+        self._pixels = 0
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add a batch of logits [N, H, W] and binary ground truth [N, H, W]."""
+        gt = _check_pair(pred, gt)
+        self.num_frames += pred.shape[0]
+        self._iou_sum += _iou_sum(pred, gt, self.j_threshold)
+        f_sum, f_frames = _f_curve_sum(pred, gt, self.beta2, self.num_thresholds)
+        self._f_sum += f_sum
+        self._f_frames += f_frames
+        self._fg_pixels += _fg_count(pred, self.s_threshold)
+        self._pixels += pred.numel()
+
+    def compute(self) -> dict[str, float]:
+        """Return ``{"J": ..., "F": ..., "S": ...}`` over everything added so far."""
+        if self.num_frames == 0:
+            raise ValueError("SplitMetrics.compute() called before any update()")
+        f = (self._f_sum / self._f_frames).max().item() if self._f_frames else 0.0
+        return {
+            "J": self._iou_sum / self.num_frames,
+            "F": f,
+            "S": math.sqrt(self._fg_pixels / self._pixels),
+        }
+
+
+def _metric(results: Mapping[str, Mapping[str, float]], split: str, key: str) -> float | None:
+    value = (results.get(split) or {}).get(key)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def refavs_table(results: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    """Build one Ref-AVS table row from per-split ``{"J", "F", "S"}`` dicts keyed by split name.
+
+    Seen from ``test_s``, Unseen from ``test_u``, Mix = mean of the two, Null S from ``test_n``;
+    anything missing is None.
+    """
+    row: dict[str, float | None] = {
+        "Seen J": _metric(results, "test_s", "J"),
+        "Seen F": _metric(results, "test_s", "F"),
+        "Unseen J": _metric(results, "test_u", "J"),
+        "Unseen F": _metric(results, "test_u", "F"),
+    }
+    for m in ("J", "F"):
+        seen, unseen = row[f"Seen {m}"], row[f"Unseen {m}"]
+        row[f"Mix {m}"] = None if seen is None or unseen is None else (seen + unseen) / 2
+    row["Null S"] = _metric(results, "test_n", "S")
+    return row
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def format_table(rows: Mapping[str, Mapping[str, float | None]]) -> str:
+    """Render rows from :func:`refavs_table` (keyed by model/stage name) as a fixed-width table."""
+    name_width = max([len("Model"), *(len(name) for name in rows)])
+    widths = [max(len(col), 5) for col in TABLE_COLUMNS]
+
+    def line(name: str, cells: list[str]) -> str:
+        return "  ".join([name.ljust(name_width), *(c.rjust(w) for c, w in zip(cells, widths))])
+
+    header = line("Model", list(TABLE_COLUMNS))
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        lines.append(line(name, [_cell(row.get(col)) for col in TABLE_COLUMNS]))
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Shared fixtures: one local Ray for the whole session, a small synthetic shard set."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small enough to convert in seconds, big enough that every split and expression kind appears.
+SMALL_DATA = [
+    "data.synthetic.train_clips=12", "data.synthetic.val_clips=4", "data.synthetic.test_s_clips=4",
+    "data.synthetic.test_u_clips=4", "data.synthetic.test_n_clips=4", "data.rows_per_shard=16",
+    "data.conversion_workers=1",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (starting Ray costs ~5 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,
+            log_to_driver=True,
+            runtime_env={"env_vars": {
+                "DS_ACCELERATOR": "cpu", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            }},
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_cfg(tmp_path_factory):
+    from aurora_core.config import load_config
+
+    root = tmp_path_factory.mktemp("runs")
+    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + [f"run.root={root}"])
+
+
+@pytest.fixture(scope="session")
+def small_shards(small_cfg):
+    """A converted synthetic shard set (session-wide: read-only for tests)."""
+    from aurora_core.data import shards, synthetic
+
+    raw = small_cfg.data.raw_dir(small_cfg.run)
+    synthetic.generate(raw, small_cfg.data)
+    out = small_cfg.data.shards_dir(small_cfg.run)
+    shards.convert(raw, out, small_cfg.data, source="synthetic", progress=False)
+    return out
+
+
+def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
+    import subprocess
+
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)

@@ -1,0 +1,60 @@
+import pytest
+
+from aurora_core.cli import arg_parser, config_from_args
+from aurora_core.config import DEFAULT_CONFIG, ConfigError, Source, flatten, load_config, to_dict
+
+
+def test_tiny_default_loads_and_overrides_apply():
+    cfg = load_config(DEFAULT_CONFIG, ["data.synthetic.train_clips=7", "run.name=exp1", "data.source=refavs"])
+    assert cfg.data.synthetic.train_clips == 7
+    assert cfg.run.name == "exp1"
+    assert cfg.data.source is Source.refavs
+    assert cfg.run.dir.name == "exp1"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="no_such_key"):
+        load_config(DEFAULT_CONFIG, ["data.no_such_key=1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="train_clips"):
+        load_config(DEFAULT_CONFIG, ["data.synthetic.train_clips=many"])
+
+
+def test_bad_enum_value():
+    with pytest.raises(ConfigError, match="source"):
+        load_config(DEFAULT_CONFIG, ["data.source=imagenet"])
+
+
+def test_range_check():
+    with pytest.raises(ConfigError, match="frame_size"):
+        load_config(DEFAULT_CONFIG, ["data.frame_size=2"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(DEFAULT_CONFIG, ["data.frame_size"])
+
+
+def test_bad_yaml_file_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  frame_sise: 32\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*frame_sise"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_exits_2_with_message(capsys):
+    args = arg_parser("x").parse_args(["data.nope=1"])
+    with pytest.raises(SystemExit) as e:
+        config_from_args(args)
+    assert e.value.code == 2
+    assert "data.nope" in capsys.readouterr().err
+
+
+def test_flatten_round_trip_types():
+    flat = flatten(to_dict(load_config()))
+    assert flat["data.source"] == "synthetic"
+    assert flat["data.synthetic.seed"] == 0
