@@ -102,6 +102,60 @@ class DataConfig:
 
 
 @dataclass
+class TinyModelConfig:
+    """Sizes of the randomly initialised default (Qwen2.5-Omni thinker + SAM classes, ~1-3 M params)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    audio_d_model: int = 32
+    audio_layers: int = 2
+    vision_hidden: int = 32
+    vision_depth: int = 2
+    sam_hidden: int = 32  # SAM prompt/decoder width (256 for SAM ViT-H)
+    sam_vision_hidden: int = 32
+    sam_vision_layers: int = 2
+    init_seed: int = 0  # same seed -> same random base weights, for every stage
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # LLM attention only (the audio tower also has q_proj/v_proj: they stay frozen)
+    target_modules: str = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+
+
+@dataclass
+class ModelConfig:
+    llm_path: Optional[str] = None  # local Qwen2.5-Omni checkpoint dir (thinker weights); None: tiny
+    sam_path: Optional[str] = None  # local SAM checkpoint dir (e.g. sam-vit-huge); None: tiny
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    video_size: int = 56  # frames are resized to video_size^2 for the vision tower (multiple of 28)
+    video_fps: float = 1.0  # frame rate of the clip frames (Ref-AVS: one frame per second)
+    audio_hop_length: int = 640  # Whisper features; 160 for real Qwen2.5-Omni (640 = 4x fewer tokens)
+    sam_image_size: int = 64  # SAM input size (1024 for SAM ViT-H)
+    dtype: str = "float32"  # float32 | bfloat16 (bf16 on GPUs)
+    max_answer_tokens: int = 160  # training targets are cut to this many tokens (with a warning)
+
+    def __post_init__(self) -> None:
+        _check(self.video_size % 28 == 0, f"model.video_size must be a multiple of 28, got {self.video_size}")
+        _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype}")
+        _check(self.tiny.hidden_size % self.tiny.num_heads == 0, "model.tiny.hidden_size must divide by num_heads")
+        _check((self.tiny.hidden_size // self.tiny.num_heads) % 8 == 0,
+               "model.tiny head dim (hidden_size / num_heads) must be a multiple of 8 (mrope sections)")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.llm_path is None
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: join a cluster if RAY_ADDRESS is set, else start one locally
     num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray (None: all)
@@ -112,6 +166,7 @@ class RayConfig:
 class AuroraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

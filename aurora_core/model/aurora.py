@@ -1,0 +1,181 @@
+"""The AURORA model (LISA-style): omni LLM -> [SEG] hidden state -> MLP -> SAM mask decoder.
+
+- ``llm``: a Qwen2.5-Omni thinker (video + audio + text), usually wrapped by peft LoRA.
+- ``seg_proj``: MLP H -> H -> D (D = SAM prompt width, 256 for SAM ViT-H) on the last-layer hidden
+  state at the answer's ``[SEG]`` token; its output is the sparse prompt of the mask decoder.
+- ``sam``: transformers ``SamModel``; the image encoder (frozen, no grad) embeds each frame once,
+  the mask decoder returns one mask per frame, upsampled to the data's frame size.
+
+Trainable: LoRA, lm_head, token embeddings, seg_proj, the mask decoder (but its unused IoU head). Frozen: the LLM's base
+weights, the audio and vision towers, SAM's image and prompt encoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aurora_core.model.processor import ModelInputs
+
+NO_SEG_LOGIT = -20.0  # mask logits of a sample whose answer has no [SEG]: an empty mask
+
+
+@dataclass
+class AuroraOutput:
+    logits: torch.Tensor  # [B, L, V]
+    seg_embedding: torch.Tensor  # [B, D] projected [SEG] state (zeros where no [SEG])
+    has_seg: torch.Tensor  # [B] bool
+    mask_logits: torch.Tensor | None  # [B, T, S, S]
+
+
+@dataclass
+class Rollouts:
+    """G samples per prompt, rows ordered [p0s0, p0s1, ..., p1s0, ...]."""
+
+    texts: list[str]
+    completion_ids: torch.Tensor  # [B*G, C] (pad after the end token)
+    completion_mask: torch.Tensor  # [B*G, C] 1 on generated tokens up to and including the end token
+    logprobs: torch.Tensor  # [B*G, C] log p(token) under the sampling policy (logits / temperature)
+    mask_logits: torch.Tensor  # [B*G, T, S, S]
+    has_seg: torch.Tensor  # [B*G] bool
+
+
+def _last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: whether ``mask`` has a True, and the column of the last True (0 if none)."""
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, cols, torch.full_like(cols, -1)).max(dim=1).values
+    return last >= 0, last.clamp(min=0)
+
+
+class AuroraModel(nn.Module):
+    def __init__(self, llm: nn.Module, sam: nn.Module, seg_token_id: int, mask_size: int):
+        super().__init__()
+        self.llm = llm
+        self.sam = sam
+        hidden = llm.config.get_text_config().hidden_size
+        prompt_dim = sam.config.mask_decoder_config.hidden_size
+        self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, prompt_dim))
+        self.seg_token_id = seg_token_id
+        self.mask_size = mask_size
+        self.freeze()
+
+    # ------------------------------------------------------------------ parameters
+    def freeze(self) -> None:
+        """requires_grad exactly on the trainable parts (see module docstring)."""
+        for p in self.sam.parameters():
+            p.requires_grad_(False)
+        for p in self.sam.mask_decoder.parameters():
+            p.requires_grad_(True)
+        for p in self.sam.mask_decoder.iou_prediction_head.parameters():
+            p.requires_grad_(False)  # mask-quality score: no loss uses it (as in LISA)
+        for p in self.seg_proj.parameters():
+            p.requires_grad_(True)
+        thinker = self.thinker
+        if not self.has_lora:  # full fine-tuning of the LLM: only the towers stay frozen
+            for p in thinker.parameters():
+                p.requires_grad_(True)
+        for tower in (thinker.model.audio_tower, thinker.model.visual):
+            for p in tower.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.llm, "peft_config")
+
+    @property
+    def thinker(self) -> nn.Module:
+        """The Qwen2.5-Omni thinker under any peft wrapping."""
+        return self.llm.get_base_model() if self.has_lora else self.llm
+
+    def adapter_disabled(self):
+        """Context: the reference policy = the same weights without the LoRA adapter (GRPO KL)."""
+        if not self.has_lora:
+            raise RuntimeError("a KL reference needs LoRA (model.lora.enabled=true): without an adapter "
+                               "the policy has no frozen base to compare against")
+        return self.llm.disable_adapter()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, inputs: ModelInputs, with_masks: bool = True, seg_from: int = 0) -> AuroraOutput:
+        out = self.llm(**inputs.thinker_kwargs(), output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]  # post-norm last layer: what lm_head reads
+        is_seg = inputs.input_ids == self.seg_token_id
+        is_seg &= inputs.attention_mask.bool()
+        if seg_from:
+            is_seg[:, :seg_from] = False
+        has_seg, pos = _last_index(is_seg)  # the answer's (last) [SEG]
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+        seg = self.seg_proj(h) * has_seg[:, None].to(h.dtype)
+        masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg) if with_masks else None
+        return AuroraOutput(out.logits, seg, has_seg, masks)
+
+    def image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        b, t = sam_pixel_values.shape[:2]
+        with torch.no_grad():  # frozen encoder: no activations kept for backward
+            emb = self.sam.vision_encoder(sam_pixel_values.flatten(0, 1)).last_hidden_state
+        return emb
+
+    def decode_masks(self, seg: torch.Tensor, sam_pixel_values: torch.Tensor, has_seg: torch.Tensor) -> torch.Tensor:
+        """[B, D] prompts x [B, T, 3, s, s] frames -> mask logits [B, T, S, S] (S = mask_size)."""
+        b, t = sam_pixel_values.shape[:2]
+        emb = self.image_embeddings(sam_pixel_values)  # [B*T, D, e, e]
+        pe = self.sam.get_image_wide_positional_embeddings().to(emb.dtype).repeat(b * t, 1, 1, 1)
+        with torch.no_grad():
+            _, dense = self.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=None,
+                                               input_masks=None)
+        sparse = seg.to(emb.dtype).repeat_interleave(t, 0)[:, None, None, :]  # [B*T, 1, 1, D]
+        low, _ = self.sam.mask_decoder(image_embeddings=emb, image_positional_embeddings=pe,
+                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense.to(emb.dtype),
+                                       multimask_output=False)
+        masks = F.interpolate(low[:, 0].float(), size=(self.mask_size, self.mask_size), mode="bilinear",
+                              align_corners=False)[:, 0]
+        masks = masks.reshape(b, t, self.mask_size, self.mask_size)
+        # No [SEG] in the answer: no prompt, so the prediction is an empty mask (and no gradient).
+        return torch.where(has_seg[:, None, None, None], masks, torch.full_like(masks, NO_SEG_LOGIT))
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_with_masks(self, prompts: ModelInputs, *, num_samples: int, temperature: float, top_p: float,
+                            max_new_tokens: int, eos_id: int, pad_id: int, suppress_ids: list[int],
+                            decode, do_sample: bool = True) -> Rollouts:
+        """Sample G completions per prompt in one batched generate, then one teacher-forced forward
+        for the log-probs (at the sampling temperature) and the masks at each completion's [SEG]."""
+        g = num_samples
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=g, eos_token_id=eos_id,
+                          pad_token_id=pad_id, suppress_tokens=suppress_ids or None, use_cache=True)
+        if do_sample:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        seqs = self.llm.generate(**prompts.thinker_kwargs(), **gen_kwargs)
+        p = prompts.input_ids.shape[1]
+        comp = seqs[:, p:]
+        is_end = comp == eos_id
+        comp_mask = ((is_end.long().cumsum(1) - is_end.long()) == 0).long()  # through the first end token
+        comp = comp.masked_fill(comp_mask == 0, pad_id)
+        full = prompts.repeat_interleave(g)
+        full.input_ids = torch.cat([full.input_ids, comp], 1)
+        full.attention_mask = torch.cat([full.attention_mask, comp_mask], 1)
+        out = self.forward(full, with_masks=True, seg_from=p)
+        logits = out.logits[:, p - 1:-1].float() / (temperature if do_sample else 1.0)
+        logprobs = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1) * comp_mask
+        texts = [decode(row[m.bool()]) for row, m in zip(comp, comp_mask)]
+        return Rollouts(texts, comp, comp_mask, logprobs, out.mask_logits, out.has_seg)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(tokens) from logits aligned with them ([B, C, V], [B, C])."""
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)

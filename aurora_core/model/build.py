@@ -1,0 +1,262 @@
+"""Building AURORA models (tiny random or from local checkpoints) and saving/loading them.
+
+Export directory (HF-style, no pickle anywhere)::
+
+    aurora.json                 what to rebuild: model config, base paths, token ids, LoRA on/off
+    tokenizer/                  tokenizer.save_pretrained
+    base/                       thinker weights (safetensors) when the base is not a local checkpoint
+                                (the tiny default's random weights); real runs reference llm_path
+    adapter/                    peft save_pretrained: LoRA + lm_head/embed_tokens (safetensors)
+    llm/                        full thinker weights instead of base/+adapter/ when LoRA is off
+    sam/                        SamModel weights when SAM is tiny; real runs reference sam_path
+    heads.safetensors           seg_proj.* and sam.mask_decoder.* (the trainable non-LLM parts)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    SamConfig,
+    SamModel,
+)
+
+from aurora_core.config import DataConfig, ModelConfig
+from aurora_core.data.atomic import staged_dir
+from aurora_core.model.aurora import AuroraModel
+from aurora_core.model.processor import AuroraProcessor
+from aurora_core.model.tokenizer import CHAT_END, MM_TOKENS, build_tiny_tokenizer, load_tokenizer, token_id
+from aurora_core.reasoning import SEG_TOKEN
+
+log = logging.getLogger(__name__)
+EXPORT_FORMAT = 1
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def tiny_thinker_config(m: ModelConfig, tok) -> Qwen2_5OmniThinkerConfig:
+    t = m.tiny
+    head_dim = t.hidden_size // t.num_heads
+    hw = (head_dim // 2) * 3 // 8  # mrope (temporal, height, width) sections sum to head_dim / 2
+    ids = {name: token_id(tok, text) for name, text in MM_TOKENS.items()}
+    return Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=128, encoder_layers=t.audio_layers, encoder_attention_heads=2,
+                          encoder_ffn_dim=2 * t.audio_d_model, d_model=t.audio_d_model, n_window=100,
+                          output_dim=t.hidden_size),
+        vision_config=dict(depth=t.vision_depth, hidden_size=t.vision_hidden, intermediate_size=2 * t.vision_hidden,
+                           num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           out_hidden_size=t.hidden_size, fullatt_block_indexes=[t.vision_depth - 1]),
+        text_config=dict(vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                         num_key_value_heads=t.num_kv_heads, pad_token_id=tok.pad_token_id,
+                         eos_token_id=token_id(tok, CHAT_END),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]}),
+        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"], user_token_id=token_id(tok, "user"),
+        # read by get_rope_index though not declared by the config class (real checkpoints carry them)
+        vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
+    )
+
+
+def tiny_sam_config(m: ModelConfig) -> SamConfig:
+    t, s = m.tiny, m.sam_image_size
+    return SamConfig(
+        vision_config=dict(hidden_size=t.sam_vision_hidden, output_channels=t.sam_hidden,
+                           num_hidden_layers=t.sam_vision_layers, num_attention_heads=2, image_size=s, patch_size=16,
+                           window_size=2, global_attn_indexes=[t.sam_vision_layers - 1],
+                           num_pos_feats=t.sam_hidden // 2, mlp_dim=2 * t.sam_vision_hidden),
+        prompt_encoder_config=dict(hidden_size=t.sam_hidden, image_size=s, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=t.sam_hidden, mlp_dim=2 * t.sam_hidden, num_hidden_layers=2,
+                                 num_attention_heads=2, iou_head_hidden_dim=t.sam_hidden),
+    )
+
+
+def _lora(m: ModelConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
+                      target_modules=m.lora.target_modules, modules_to_save=["lm_head", "embed_tokens"])
+
+
+def _load_thinker(path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
+    """Thinker weights from a local directory: a Qwen2.5-Omni checkpoint or an export's base/llm."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if getattr(cfg, "model_type", "") == "qwen2_5_omni":  # the full Omni checkpoint: take its thinker
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype, use_safetensors=True, enable_audio_output=False)
+        return full.thinker
+    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        str(path), local_files_only=True, dtype=dtype, use_safetensors=True)
+
+
+def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraProcessor]:
+    """A fresh model: tiny with seeded random weights, or the local checkpoints in the config."""
+    dtype = torch_dtype(m.dtype)
+    if m.is_tiny:
+        tok = build_tiny_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(m.tiny.init_seed)
+            thinker = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(m, tok)).to(dtype)
+    else:
+        tok = load_tokenizer(m.llm_path)
+        thinker = _load_thinker(m.llm_path, dtype)
+        if len(tok) > thinker.get_input_embeddings().weight.shape[0]:  # [SEG] was added
+            thinker.resize_token_embeddings(len(tok))
+    if m.sam_path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(m.tiny.init_seed + 1)
+            sam = SamModel(tiny_sam_config(m)).to(dtype)
+    else:
+        sam = SamModel.from_pretrained(m.sam_path, local_files_only=True, dtype=dtype, use_safetensors=True)
+    llm = thinker
+    if m.lora.enabled:
+        from peft import get_peft_model
+
+        llm = get_peft_model(thinker, _lora(m))
+    proc = AuroraProcessor(tok, m, data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.tiny.init_seed + 2)
+        model = AuroraModel(llm, sam, proc.seg_id, data.frame_size)
+    model.seg_proj.to(dtype)
+    return model, proc
+
+
+def parameter_report(model: AuroraModel) -> dict[str, dict[str, int]]:
+    th = model.thinker
+    parts = {"llm.audio_tower": th.model.audio_tower, "llm.visual": th.model.visual,
+             "llm.language_model": th.model.language_model, "llm.lm_head": th.lm_head,
+             "seg_proj": model.seg_proj, "sam.vision_encoder": model.sam.vision_encoder,
+             "sam.prompt_encoder": model.sam.prompt_encoder, "sam.mask_decoder": model.sam.mask_decoder}
+    rep = {k: {"total": sum(p.numel() for p in v.parameters()),
+               "trainable": sum(p.numel() for p in v.parameters() if p.requires_grad)} for k, v in parts.items()}
+    rep["all"] = {"total": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return rep
+
+
+# --------------------------------------------------------------------------- save / load
+
+def head_state(model: AuroraModel) -> dict[str, torch.Tensor]:
+    sd = {f"seg_proj.{k}": v for k, v in model.seg_proj.state_dict().items()}
+    sd.update({f"sam.mask_decoder.{k}": v for k, v in model.sam.mask_decoder.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_export(model: AuroraModel, proc: AuroraProcessor, m: ModelConfig, out: Path,
+                extra: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an export directory atomically. ``state_dict``: full weights gathered from ZeRO-3 (keys of
+    ``model.state_dict()``) to save instead of the module's own (partitioned) tensors."""
+    out = Path(out)
+    if state_dict is not None:
+        _load_state(model, state_dict)
+    with staged_dir(out) as tmp:
+        proc.tok.save_pretrained(tmp / "tokenizer")
+        if model.has_lora:
+            model.llm.save_pretrained(tmp / "adapter", safe_serialization=True)
+            if m.is_tiny:
+                model.thinker.save_pretrained(tmp / "base", safe_serialization=True,
+                                              state_dict=_base_state(model))
+        else:
+            model.thinker.save_pretrained(tmp / "llm", safe_serialization=True)
+        if m.sam_path is None:
+            model.sam.save_pretrained(tmp / "sam", safe_serialization=True)
+        save_file(head_state(model), str(tmp / "heads.safetensors"))
+        meta = {"format": EXPORT_FORMAT, "model": _model_cfg_dict(m), "lora": model.has_lora,
+                "seg_token": SEG_TOKEN, "seg_token_id": proc.seg_id, "mask_size": model.mask_size,
+                **(extra or {})}
+        (tmp / "aurora.json").write_text(json.dumps(meta, indent=1))
+    log.info("exported model to %s", out)
+    return out
+
+
+def _model_cfg_dict(m: ModelConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(m))  # type: ignore[return-value]
+
+
+def _base_state(model: AuroraModel) -> dict[str, torch.Tensor]:
+    """The thinker's frozen base weights under their plain (non-peft) names."""
+    out = {}
+    for k, v in model.thinker.state_dict().items():
+        if "lora_" in k or "modules_to_save" in k:
+            continue
+        out[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = v.detach().cpu().contiguous()
+    return out
+
+
+def _load_state(model: AuroraModel, sd: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise ValueError(f"state dict has keys the model lacks: {unexpected[:5]}")
+
+
+def is_export(path: Path) -> bool:
+    return (Path(path) / "aurora.json").is_file()
+
+
+def load_export(path: str | Path, data: DataConfig, trainable: bool = True,
+                dtype: str | None = None) -> tuple[AuroraModel, AuroraProcessor, ModelConfig]:
+    """Rebuild a model from an export directory (safetensors only, never unpickling)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not is_export(path):
+        raise FileNotFoundError(f"{path} is not an aurora export (no aurora.json)")
+    meta = json.loads((path / "aurora.json").read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {meta.get('format')} but this code reads {EXPORT_FORMAT}")
+    m: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
+    if dtype:
+        m.dtype = dtype
+    tdt = torch_dtype(m.dtype)
+    tok = load_tokenizer(path / "tokenizer")
+    if meta["lora"]:
+        from peft import PeftModel
+
+        base_dir = path / "base" if (path / "base").is_dir() else m.llm_path
+        thinker = _load_thinker(base_dir, tdt)
+        if len(tok) > thinker.get_input_embeddings().weight.shape[0]:
+            thinker.resize_token_embeddings(len(tok))
+        llm = PeftModel.from_pretrained(thinker, str(path / "adapter"), is_trainable=trainable)
+    else:
+        llm = _load_thinker(path / "llm", tdt)
+    sam_dir = path / "sam" if (path / "sam").is_dir() else m.sam_path
+    sam = SamModel.from_pretrained(str(sam_dir), local_files_only=True, dtype=tdt, use_safetensors=True)
+    proc = AuroraProcessor(tok, m, data)
+    model = AuroraModel(llm, sam, proc.seg_id, data.frame_size)
+    heads = load_file(str(path / "heads.safetensors"))
+    model.seg_proj.load_state_dict({k[len("seg_proj."):]: v for k, v in heads.items() if k.startswith("seg_proj.")})
+    model.sam.mask_decoder.load_state_dict(
+        {k[len("sam.mask_decoder."):]: v for k, v in heads.items() if k.startswith("sam.mask_decoder.")})
+    model.to(tdt)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model, proc, m
+
+
+def export_merged(path: str | Path, out: str | Path, data: DataConfig) -> Path:
+    """Serving export: LoRA merged into the thinker (merge_and_unload), no peft needed to load it."""
+    model, proc, m = load_export(path, data, trainable=False)
+    if model.has_lora:
+        model.llm = model.llm.merge_and_unload()
+    m_full = ModelConfig(**{**m.__dict__})
+    m_full.lora.enabled = False
+    m_full.llm_path = None if m.is_tiny else m.llm_path
+    return save_export(model, proc, m_full, Path(out), extra={"merged_from": str(path)})

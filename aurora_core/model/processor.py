@@ -1,0 +1,163 @@
+"""Decoded clips -> model inputs: the Qwen2.5-Omni prompt layout, video patches, audio features, SAM pixels.
+
+Sequence layout (``use_audio_in_video=False``: a video segment, then an audio segment)::
+
+    <|im_start|>user <|vision_bos|><|VIDEO|>*nv<|vision_eos|><|audio_bos|><|AUDIO|>*na<|audio_eos|>
+    The reference is: {exp} Please segment ... <|im_end|> <|im_start|>assistant {answer} <|im_end|>
+
+The library processors do the pixel and audio work (Qwen2VLVideoProcessor, WhisperFeatureExtractor,
+SamImageProcessor); this module adds the placeholder counts and the label masking, which
+Qwen2_5OmniProcessor would do too but with a 30-s audio pad and a video size default that overrides
+ours (both measured), so we call its parts directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2VLVideoProcessor, SamImageProcessor, WhisperFeatureExtractor
+
+from aurora_core.config import DataConfig, ModelConfig
+from aurora_core.losses import IGNORE_INDEX
+from aurora_core.model.tokenizer import CHAT_END, CHAT_START, MM_TOKENS, token_id
+from aurora_core.reasoning import SEG_TOKEN, prompt_text
+
+log = logging.getLogger(__name__)
+
+WHISPER_SAMPLE_RATE = 16000
+TEMPORAL_PATCH = 2  # Qwen2.5-Omni vision: frames per temporal patch
+MERGE = 2  # spatial merge: 2x2 patches -> one token
+
+
+@dataclass
+class ModelInputs:
+    """A batch of tensors for AuroraModel; every field's first dim is the batch except the video patches."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    input_features: torch.Tensor  # [B, 128, F] Whisper log-mel
+    feature_attention_mask: torch.Tensor  # [B, F]
+    pixel_values_videos: torch.Tensor  # [B * patches_per_video, C*2*14*14] (per-video blocks)
+    video_grid_thw: torch.Tensor  # [B, 3]
+    video_second_per_grid: torch.Tensor  # [B]
+    sam_pixel_values: torch.Tensor  # [B, T, 3, s, s]
+    labels: torch.Tensor | None = None  # [B, L], IGNORE_INDEX outside the answer
+    prompt_length: int = 0  # for left-padded prompt batches: the answer starts here
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:
+        def move(k: str, v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            if dtype is not None and v.is_floating_point() and k != "video_second_per_grid":
+                return v.to(device=device, dtype=dtype)
+            return v.to(device)
+        return replace(self, **{f.name: move(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def repeat_interleave(self, g: int) -> ModelInputs:
+        """Each sample repeated g times in place ([p0, p0, p1, p1, ...]), video patches block-wise."""
+        b = self.batch_size
+        pv = self.pixel_values_videos.reshape(b, -1, self.pixel_values_videos.shape[-1])
+        rep = {f.name: getattr(self, f.name).repeat_interleave(g, 0) for f in fields(self)
+               if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "pixel_values_videos"}
+        return replace(self, **rep, pixel_values_videos=pv.repeat_interleave(g, 0).flatten(0, 1))
+
+    def thinker_kwargs(self) -> dict[str, Any]:
+        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                    input_features=self.input_features, feature_attention_mask=self.feature_attention_mask,
+                    pixel_values_videos=self.pixel_values_videos, video_grid_thw=self.video_grid_thw,
+                    video_second_per_grid=self.video_second_per_grid, use_audio_in_video=False)
+
+
+class AuroraProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: ModelConfig, data: DataConfig):
+        if data.sample_rate != WHISPER_SAMPLE_RATE:
+            raise ValueError(f"the Qwen2.5-Omni audio tower takes {WHISPER_SAMPLE_RATE} Hz audio; "
+                             f"set data.sample_rate={WHISPER_SAMPLE_RATE} (got {data.sample_rate})")
+        if data.num_frames % TEMPORAL_PATCH:
+            raise ValueError(f"data.num_frames must be even (Qwen2.5-Omni groups frames in pairs), got {data.num_frames}")
+        self.tok = tokenizer
+        self.max_answer_tokens = model.max_answer_tokens
+        px = model.video_size * model.video_size
+        self.video = Qwen2VLVideoProcessor(size={"shortest_edge": px, "longest_edge": px},
+                                           cap_pixels_per_frame=False, temporal_patch_size=TEMPORAL_PATCH)
+        self.audio = WhisperFeatureExtractor(feature_size=128, sampling_rate=WHISPER_SAMPLE_RATE,
+                                             hop_length=model.audio_hop_length, n_fft=max(400, 2 * model.audio_hop_length))
+        s = model.sam_image_size
+        self.sam = SamImageProcessor(size={"longest_edge": s}, pad_size={"height": s, "width": s})
+        self.second_per_grid = TEMPORAL_PATCH / model.video_fps
+        grid = (data.num_frames // TEMPORAL_PATCH) * (model.video_size // 14) ** 2
+        self.num_video_tokens = grid // MERGE**2
+        frames = int(round(data.audio_seconds * WHISPER_SAMPLE_RATE)) // model.audio_hop_length
+        self.num_audio_tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        self.eos_id = token_id(tokenizer, CHAT_END)
+        self.seg_id = token_id(tokenizer, SEG_TOKEN)
+        self.pad_id = tokenizer.pad_token_id
+        # Tokens a completion must never contain: a sampled placeholder breaks the teacher-forced
+        # forward (feature/token count mismatch) and a sampled pad is indistinguishable from padding.
+        self.suppress_ids = sorted({token_id(tokenizer, t) for t in MM_TOKENS.values()}
+                                   | {token_id(tokenizer, CHAT_START), self.pad_id}
+                                   | ({tokenizer.unk_token_id} if tokenizer.unk_token_id is not None else set()))
+
+    # ------------------------------------------------------------------ text
+    def prompt_ids(self, expression: str) -> list[int]:
+        mm = (MM_TOKENS["vision_bos_token"] + MM_TOKENS["video_token"] * self.num_video_tokens
+              + MM_TOKENS["vision_eos_token"] + MM_TOKENS["audio_bos_token"]
+              + MM_TOKENS["audio_token"] * self.num_audio_tokens + MM_TOKENS["audio_eos_token"])
+        text = f"{CHAT_START}user\n{mm}{prompt_text(expression)}{CHAT_END}\n{CHAT_START}assistant\n"
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def answer_ids(self, answer: str, uid: str = "?") -> list[int]:
+        ids = self.tok(answer, add_special_tokens=False).input_ids
+        if len(ids) + 1 > self.max_answer_tokens:
+            log.warning("answer of %s has %d tokens; cut to model.max_answer_tokens=%d", uid, len(ids) + 1,
+                        self.max_answer_tokens)
+            ids = ids[: self.max_answer_tokens - 1]
+        return ids + [self.eos_id]
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = [i for i in ids if i not in (self.pad_id, self.eos_id)]
+        return self.tok.decode(ids, skip_special_tokens=False).replace(self.tok.pad_token or "\0", "").strip()
+
+    # ------------------------------------------------------------------ batches
+    def _media(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        frames = batch["frames"]  # uint8 [B, T, 3, S, S]
+        b, t = frames.shape[:2]
+        v = self.video(videos=list(frames), return_tensors="pt")
+        a = self.audio([x.numpy() if isinstance(x, torch.Tensor) else x for x in batch["audio"]],
+                       sampling_rate=WHISPER_SAMPLE_RATE, return_attention_mask=True, padding="longest",
+                       return_tensors="pt")
+        sam = self.sam(images=list(frames.flatten(0, 1)), return_tensors="pt")["pixel_values"]
+        return dict(input_features=a["input_features"], feature_attention_mask=a["attention_mask"],
+                    pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"],
+                    video_second_per_grid=torch.full((b,), self.second_per_grid),
+                    sam_pixel_values=sam.reshape(b, t, *sam.shape[1:]))
+
+    def prompt_batch(self, batch: dict[str, Any]) -> ModelInputs:
+        """Left-padded prompts, for generation (the completion starts at column prompt_length)."""
+        seqs = [self.prompt_ids(e) for e in batch["exp"]]
+        n = max(map(len, seqs))
+        ids = torch.tensor([[self.pad_id] * (n - len(s)) + s for s in seqs])
+        att = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs])
+        return ModelInputs(input_ids=ids, attention_mask=att, prompt_length=n, **self._media(batch))
+
+    def train_batch(self, batch: dict[str, Any], answers: list[str]) -> ModelInputs:
+        """Prompt + answer per row, right-padded, labels on the answer tokens (and its end token)."""
+        rows, labels = [], []
+        for exp, ans, uid in zip(batch["exp"], answers, batch["uid"]):
+            p, a = self.prompt_ids(exp), self.answer_ids(ans, uid)
+            rows.append(p + a)
+            labels.append([IGNORE_INDEX] * len(p) + a)
+        n = max(map(len, rows))
+        ids = torch.tensor([r + [self.pad_id] * (n - len(r)) for r in rows])
+        att = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+        lab = torch.tensor([r + [IGNORE_INDEX] * (n - len(r)) for r in labels])
+        return ModelInputs(input_ids=ids, attention_mask=att, labels=lab, **self._media(batch))

@@ -1,0 +1,172 @@
+"""The AURORA model on the tiny default: forward, gradients, masks, generation, save/load, learning."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from aurora_core import losses
+from aurora_core.model.build import build_model, export_merged, load_export, parameter_report, save_export
+from conftest import decoded_rows
+
+
+@pytest.fixture(scope="module")
+def built(small_cfg):
+    torch.manual_seed(0)
+    return build_model(small_cfg.model, small_cfg.data)
+
+
+@pytest.fixture(scope="module")
+def batch(small_cfg, small_shards):
+    return decoded_rows(small_shards, "train", 3, small_cfg.data)
+
+
+def total_loss(model, proc, batch):
+    inp = proc.train_batch(batch, batch["cot"])
+    out = model(inp)
+    return (losses.lm_loss(out.logits, inp.labels) + 2.0 * losses.mask_bce(out.mask_logits, batch["masks"])
+            + 0.5 * losses.dice_loss(out.mask_logits, batch["masks"]))
+
+
+def test_forward_audio_video_text(built, batch, small_cfg):
+    model, proc = built
+    inp = proc.train_batch(batch, batch["cot"])
+    ids = inp.input_ids[0].tolist()
+    assert ids.count(model.thinker.config.video_token_index) == proc.num_video_tokens
+    assert ids.count(model.thinker.config.audio_token_index) == proc.num_audio_tokens
+    out = model(inp)
+    T, S = small_cfg.data.num_frames, small_cfg.data.frame_size
+    assert out.logits.shape[:2] == inp.input_ids.shape
+    assert out.mask_logits.shape == (3, T, S, S) and out.has_seg.all()
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.mask_logits).all()
+    # the audio and the frames matter: changing either changes the answer logits
+    b2 = dict(batch, audio=batch["audio"].flip(-1), frames=batch["frames"].flip(-1))
+    assert not torch.allclose(model(proc.train_batch(b2, batch["cot"])).logits, out.logits)
+
+
+def test_gradients_reach_exactly_the_trainable_parts(built, batch):
+    model, proc = built
+    model.zero_grad(set_to_none=True)
+    model.train()
+    total_loss(model, proc, batch).backward()
+    trainable = re.compile(r"(lora_[AB]|modules_to_save|^seg_proj\.|^sam\.mask_decoder\.)")
+    for name, p in model.named_parameters():
+        if trainable.search(name) and "iou_prediction_head" not in name:
+            assert p.requires_grad and p.grad is not None, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(".language_model.layers." in n and re.search(r"\.(q_proj|v_proj)\.", n) for n in lora)
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "mask_decoder" in n)
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    rep = parameter_report(model)
+    for frozen in ("llm.audio_tower", "llm.visual", "sam.vision_encoder", "sam.prompt_encoder"):
+        assert rep[frozen]["trainable"] == 0 and rep[frozen]["total"] > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_seg_embedding_drives_masks(built, batch):
+    model, proc = built
+    model.eval()
+    inp = proc.train_batch(batch, batch["cot"])
+    with torch.no_grad():
+        out = model(inp)
+        again = model.decode_masks(out.seg_embedding, inp.sam_pixel_values, out.has_seg)
+        other = model.decode_masks(out.seg_embedding + 1.0, inp.sam_pixel_values, out.has_seg)
+    assert torch.allclose(again, out.mask_logits, atol=1e-5)
+    assert not torch.allclose(other, out.mask_logits)
+    # an answer without [SEG] gives an empty mask
+    no_seg = proc.train_batch(batch, ["Step 1: nothing."] * 3)
+    with torch.no_grad():
+        o = model(no_seg)
+    assert not o.has_seg.any() and (torch.sigmoid(o.mask_logits) < 0.01).all()
+
+
+def test_generate_with_masks_shapes_and_logprobs(built, batch, small_cfg):
+    model, proc = built
+    model.eval()
+    G, B = 3, 3
+    prompts = proc.prompt_batch(batch)
+    torch.manual_seed(0)
+    r = model.generate_with_masks(prompts, num_samples=G, temperature=1.0, top_p=0.9, max_new_tokens=24,
+                                  eos_id=proc.eos_id, pad_id=proc.pad_id, suppress_ids=proc.suppress_ids,
+                                  decode=proc.decode)
+    C = r.completion_ids.shape[1]
+    assert r.completion_ids.shape == r.completion_mask.shape == r.logprobs.shape == (B * G, C)
+    assert r.mask_logits.shape == (B * G, small_cfg.data.num_frames, small_cfg.data.frame_size, small_cfg.data.frame_size)
+    assert len(r.texts) == B * G and r.has_seg.shape == (B * G,)
+    assert (r.logprobs <= 0).all() and (r.logprobs[r.completion_mask == 0] == 0).all()
+    assert not torch.isin(r.completion_ids[r.completion_mask.bool()], torch.tensor(proc.suppress_ids)).any()
+    # each sample's log-probs equal a separate, unpadded teacher-forced forward on the same tokens
+    for row in (0, 4, 8):
+        b = row // G
+        keep = prompts.attention_mask[b].bool()
+        prompt = prompts.input_ids[b][keep]
+        comp = r.completion_ids[row][r.completion_mask[row].bool()]
+        one = prompts.repeat_interleave(1)
+        one.input_ids = torch.cat([prompt, comp])[None]
+        one.attention_mask = torch.ones_like(one.input_ids)
+        for k in ("input_features", "feature_attention_mask", "video_grid_thw", "video_second_per_grid", "sam_pixel_values"):
+            setattr(one, k, getattr(prompts, k)[b:b + 1])
+        n = prompts.pixel_values_videos.shape[0] // B
+        one.pixel_values_videos = prompts.pixel_values_videos[b * n:(b + 1) * n]
+        with torch.no_grad():
+            logits = model.llm(**one.thinker_kwargs()).logits[0, len(prompt) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(-1, comp[:, None]).squeeze(-1)
+        assert torch.allclose(ref, r.logprobs[row][: len(comp)], atol=1e-4), (ref - r.logprobs[row][: len(comp)]).abs().max()
+        assert proc.decode(comp) == r.texts[row]
+
+
+def test_save_load_round_trip_and_merged_export(built, batch, small_cfg, tmp_path):
+    model, proc = built
+    with torch.no_grad():  # make the trained parts non-trivial so the round trip means something
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    inp = proc.train_batch(batch, batch["cot"])
+    with torch.no_grad():
+        ref = model(inp)
+    save_export(model, proc, small_cfg.model, tmp_path / "export")
+    assert not list((tmp_path / "export").rglob("*.bin")) and not list((tmp_path / "export").rglob("*.pt"))
+    loaded, proc2, _ = load_export(tmp_path / "export", small_cfg.data, trainable=False)
+    loaded.eval()
+    with torch.no_grad():
+        got = loaded(proc2.train_batch(batch, batch["cot"]))
+    assert torch.equal(proc2.train_batch(batch, batch["cot"]).input_ids, inp.input_ids)
+    assert torch.allclose(got.logits, ref.logits, atol=1e-5)
+    assert torch.allclose(got.mask_logits, ref.mask_logits, atol=1e-5)
+    export_merged(tmp_path / "export", tmp_path / "merged", small_cfg.data)
+    merged, proc3, m3 = load_export(tmp_path / "merged", small_cfg.data, trainable=False)
+    assert not merged.has_lora and not m3.lora.enabled
+    with torch.no_grad():
+        got = merged.eval()(proc3.train_batch(batch, batch["cot"]))
+    assert torch.allclose(got.logits, ref.logits, atol=1e-4)
+    assert torch.allclose(got.mask_logits, ref.mask_logits, atol=1e-4)
+
+
+def test_a_few_steps_reduce_the_loss(small_cfg, batch):
+    torch.manual_seed(0)
+    model, proc = build_model(small_cfg.model, small_cfg.data)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(12):
+        loss = total_loss(model, proc, batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first, (first, loss.item())
+
+
+def test_inspect_model_command(small_cfg, small_shards):
+    from conftest import SMALL_DATA, run_script
+
+    r = run_script("pipelines/inspect_model.py", *SMALL_DATA, f"run.root={small_cfg.run.root}", "--samples", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for needle in ("sam.mask_decoder", "llm.audio_tower", "forward: tokens", "generate_with_masks: 4 samples",
+                   "peak RSS"):
+        assert needle in r.stdout
