@@ -117,6 +117,7 @@ class TinyModelConfig:
     sam_hidden: int = 32  # SAM prompt/decoder width (256 for SAM ViT-H)
     sam_vision_hidden: int = 32
     sam_vision_layers: int = 2
+    sam_patch_size: int = 8  # SAM ViT patch (SAM uses 16; 8 gives the tiny 64-px input an 8x8 grid); image embeddings are sam_image_size / patch
     init_seed: int = 0  # same seed -> same random base weights, for every stage
 
 
@@ -156,6 +157,73 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Shared by the teacher, SFT and reflect stages (Ray Train + DeepSpeed)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False  # GPUs: NCCL + bf16; CPUs: gloo + fp32
+    cpus_per_worker: float = 0.5  # fractional on small machines: Ray Data read tasks need CPUs too
+    deepspeed_config: str = "configs/deepspeed/zero3.json"  # relative to the repo root or absolute
+    checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
+    num_to_keep: int = 2
+    max_failures: int = 1  # worker-group restarts from the last checkpoint (Ray FailureConfig)
+    log_every_steps: int = 1
+    sample_log: bool = True  # record the uids of every step (audits exactly-once resumption)
+    overlay_clips: int = 2  # validation clips drawn as mask overlays into MLflow each epoch
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
+        _check(self.max_failures >= 0, "train.max_failures must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """Optimisation and loss settings of one supervised stage."""
+
+    epochs: int = 2
+    batch_size: int = 4  # per worker micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    lm_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    distill_weight: float = 0.0  # SFT: [SEG] feature distillation against the stage-0 teacher
+    max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs)
+    val_rows: int = 0  # >0: validate on at most this many rows
+    val_every_epochs: int = 1  # validation (and its overlays) every N epochs and after the last step
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(self.lr > 0, "lr must be > 0")
+        _check(min(self.lm_weight, self.bce_weight, self.dice_weight, self.distill_weight) >= 0,
+               "loss weights must be >= 0")
+
+
+@dataclass
+class ReflectConfig:
+    """Stage 2: which answers of the stage-1 model count as wrong, and the inference pool."""
+
+    iou_threshold: float = 0.5
+    inference_batch_size: int = 8
+    inference_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_new_tokens: int = 160
+    temperature: float = 0.0  # 0: greedy (the model's most likely answer)
+
+
+@dataclass
+class TrackingConfig:
+    experiment: Optional[str] = None  # default: aurora-<run.name>
+    enabled: bool = True
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: join a cluster if RAY_ADDRESS is set, else start one locally
     num_cpus: Optional[int] = None  # logical CPUs of a locally started Ray (None: all)
@@ -167,6 +235,12 @@ class AuroraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    sft: StageConfig = field(default_factory=lambda: StageConfig(distill_weight=1.0))
+    reflect: StageConfig = field(default_factory=StageConfig)
+    reflection: ReflectConfig = field(default_factory=ReflectConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -220,3 +294,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def config_from_dict(d: dict[str, Any]) -> AuroraConfig:
+    """Rebuild a config shipped as a plain dict (e.g. to Ray workers), validated like a file."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AuroraConfig), d))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    assert isinstance(cfg, AuroraConfig)
+    return cfg

@@ -187,6 +187,34 @@ class SplitMetrics:
         self._fg_pixels += _fg_count(pred, self.s_threshold)
         self._pixels += pred.numel()
 
+    def merge(self, other: "SplitMetrics") -> "SplitMetrics":
+        """Add another accumulator's counts (e.g. gathered from other workers); returns self."""
+        if (other.j_threshold, other.s_threshold, other.beta2, other.num_thresholds) != (
+                self.j_threshold, self.s_threshold, self.beta2, self.num_thresholds):
+            raise ValueError("cannot merge SplitMetrics with different thresholds")
+        self.num_frames += other.num_frames
+        self._iou_sum += other._iou_sum
+        self._f_sum += other._f_sum
+        self._f_frames += other._f_frames
+        self._fg_pixels += other._fg_pixels
+        self._pixels += other._pixels
+        return self
+
+    def to_state(self) -> dict:
+        """Plain counts (JSON-able), e.g. to ship per-row accumulators out of Ray Data workers."""
+        return {"thresholds": [self.j_threshold, self.s_threshold, self.beta2, self.num_thresholds],
+                "num_frames": self.num_frames, "iou_sum": self._iou_sum, "f_sum": self._f_sum.tolist(),
+                "f_frames": self._f_frames, "fg_pixels": self._fg_pixels, "pixels": self._pixels}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SplitMetrics":
+        j, s, b, n = state["thresholds"]
+        m = cls(j, s, b, int(n))
+        m.num_frames, m._iou_sum = state["num_frames"], state["iou_sum"]
+        m._f_sum = torch.tensor(state["f_sum"], dtype=torch.float64)
+        m._f_frames, m._fg_pixels, m._pixels = state["f_frames"], state["fg_pixels"], state["pixels"]
+        return m
+
     def compute(self) -> dict[str, float]:
         """Return ``{"J": ..., "F": ..., "S": ...}`` over everything added so far."""
         if self.num_frames == 0:

@@ -188,6 +188,10 @@ def load_manifest(shards: Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_exists(shards: Path) -> bool:
+    return (Path(shards) / "manifest.json").is_file()
+
+
 def split_files(shards: Path, splits: Iterable[str]) -> list[str]:
     manifest = load_manifest(shards)
     files = []
@@ -233,6 +237,8 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
         audio[i, : min(L, len(wav))] = wav[:L]
     out = {k: np.asarray(batch[k]) for k in ("uid", "vid", "split", "class", "exp", "cot")}
     out.update(has_target=np.asarray(batch["has_target"], dtype=bool), frames=frames, masks=masks, audio=audio)
+    if "epoch" in batch:  # added by the training pipeline (aurora_core.train.data)
+        out["epoch"] = np.asarray(batch["epoch"])
     return out
 
 

@@ -73,10 +73,13 @@ def tiny_sam_config(m: ModelConfig) -> SamConfig:
     t, s = m.tiny, m.sam_image_size
     return SamConfig(
         vision_config=dict(hidden_size=t.sam_vision_hidden, output_channels=t.sam_hidden,
-                           num_hidden_layers=t.sam_vision_layers, num_attention_heads=2, image_size=s, patch_size=16,
+                           num_hidden_layers=t.sam_vision_layers, num_attention_heads=2, image_size=s, patch_size=t.sam_patch_size,
                            window_size=2, global_attn_indexes=[t.sam_vision_layers - 1],
-                           num_pos_feats=t.sam_hidden // 2, mlp_dim=2 * t.sam_vision_hidden),
-        prompt_encoder_config=dict(hidden_size=t.sam_hidden, image_size=s, patch_size=16, mask_input_channels=4),
+                           num_pos_feats=t.sam_hidden // 2, mlp_dim=2 * t.sam_vision_hidden,
+                           # SamVisionConfig defaults to initializer_range=1e-10 (pretrained weights are
+                           # always loaded in practice): a random tiny encoder would output zeros
+                           initializer_range=0.02),
+        prompt_encoder_config=dict(hidden_size=t.sam_hidden, image_size=s, patch_size=t.sam_patch_size, mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=t.sam_hidden, mlp_dim=2 * t.sam_hidden, num_hidden_layers=2,
                                  num_attention_heads=2, iou_head_hidden_dim=t.sam_hidden),
     )

@@ -1,0 +1,119 @@
+"""Batch inference with an exported model on a Ray Data actor pool.
+
+One callable class, :class:`ExportPredictor`, serves three jobs:
+- ``seg_embedding``: the projected [SEG] embedding of the model's direct answer (SFT distillation targets);
+- ``answer``: the model's own answer (greedy or sampled), its parsed class, its masks and their
+  per-row metric counts (reflect stage, evaluation).
+Each actor loads the export once (``map_batches(..., concurrency=N)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from aurora_core import reasoning
+from aurora_core.config import AuroraConfig, config_from_dict, to_dict
+from aurora_core.data import shards
+from aurora_core.metrics import SplitMetrics, mask_iou
+
+log = logging.getLogger(__name__)
+
+
+class ExportPredictor:
+    def __init__(self, export_dir: str, cfg: dict[str, Any], mode: str, max_new_tokens: int = 160,
+                 temperature: float = 0.0, seed: int = 0):
+        from aurora_core.model.build import load_export
+
+        self.cfg = config_from_dict(cfg)
+        self.mode = mode
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False)
+        self.model.to(self.device).eval()
+        self.dtype = next(self.model.llm.parameters()).dtype
+        torch.manual_seed(seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        b = shards.collate(batch)
+        with torch.no_grad():
+            if self.mode == "seg_embedding":
+                inp = self.proc.train_batch(b, [reasoning.direct_answer(c) for c in b["class"]])
+                out = self.model(inp.to(self.device, self.dtype), with_masks=False)
+                return {"uid": np.asarray(b["uid"]), "embedding": list(out.seg_embedding.float().cpu().numpy())}
+            if self.mode == "answer":
+                return self._answer(b)
+        raise ValueError(f"unknown mode {self.mode!r}")
+
+    def _answer(self, b: dict[str, Any]) -> dict[str, Any]:
+        from torchvision.io import encode_png
+
+        prompts = self.proc.prompt_batch(b).to(self.device, self.dtype)
+        sample = self.temperature > 0
+        r = self.model.generate_with_masks(
+            prompts, num_samples=1, temperature=self.temperature if sample else 1.0, top_p=1.0,
+            max_new_tokens=self.max_new_tokens, eos_id=self.proc.eos_id, pad_id=self.proc.pad_id,
+            suppress_ids=self.proc.suppress_ids, decode=self.proc.decode, do_sample=sample)
+        masks = r.mask_logits.float().cpu()
+        out: dict[str, list] = {k: [] for k in ("uid", "split", "class", "answer", "pred_class", "class_correct",
+                                                "well_formed", "iou", "metrics", "pred_masks")}
+        for i, text in enumerate(r.texts):
+            p = reasoning.parse_answer(text)
+            gt = b["masks"][i]
+            acc = SplitMetrics()
+            acc.update(masks[i], gt)
+            out["uid"].append(b["uid"][i])
+            out["split"].append(b["split"][i])
+            out["class"].append(b["class"][i])
+            out["answer"].append(text)
+            out["pred_class"].append(p.predicted_class or "")
+            out["class_correct"].append(p.class_correct(b["class"][i]))
+            out["well_formed"].append(p.well_formed)
+            out["iou"].append(mask_iou(masks[i], gt))
+            out["metrics"].append(json.dumps(acc.to_state()))
+            fg = (torch.sigmoid(masks[i]) > 0.4).to(torch.uint8) * 255
+            out["pred_masks"].append([encode_png(m[None]).numpy().tobytes() for m in fg])
+        return {k: np.asarray(v, dtype=object) if k in ("pred_masks",) else np.asarray(v) for k, v in out.items()}
+
+
+def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,
+            actors: int, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
+            max_new_tokens: int = 160, temperature: float = 0.0):
+    """A lazy Ray Dataset of predictions for the rows of ``splits``."""
+    from aurora_core.runtime import init_ray
+
+    init_ray(cfg)
+    ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size)
+    return ds.map_batches(
+        ExportPredictor, batch_size=batch_size, concurrency=actors, num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor or None,
+        fn_constructor_kwargs=dict(export_dir=str(export_dir), cfg=to_dict(cfg), mode=mode,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed))
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+    """Write a small result table atomically (temp file, then rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, out)
+
+
+def teacher_embeddings(cfg: AuroraConfig, teacher_dir: Path, shards_dir: Path, out: Path) -> int:
+    """The frozen teacher's projected [SEG] embedding of every train row, saved as Parquet (uid, embedding)."""
+    r = cfg.reflection
+    ds = predict(cfg, teacher_dir, shards_dir, ["train"], "seg_embedding", actors=r.inference_actors,
+                 batch_size=r.inference_batch_size, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor)
+    rows = [{"uid": str(x["uid"]), "embedding": np.asarray(x["embedding"], dtype=np.float32).tolist()}
+            for x in ds.iter_rows()]
+    write_table(rows, out)
+    return len(rows)

@@ -1,0 +1,214 @@
+"""The pipeline's stages as functions (the scripts in pipelines/ and pipelines/all.py call these).
+
+Where things live in a run directory ``<run.root>/<run.name>``::
+
+    data/raw, data/shards        the dataset (pipelines/prepare_data.py)
+    exports/<stage>              each stage's model (aurora_core.model.build export format)
+    stages/<stage>/              side files: resume.json, sample_log/, teacher embeddings, reflect shards
+    ray_train/<stage>/           Ray Train checkpoints (resumed by a rerun with the same run name)
+    mlflow.db, mlartifacts/      MLflow store (unless MLFLOW_TRACKING_URI is set)
+
+A stage whose export exists is complete and is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aurora_core.config import AuroraConfig, flatten, to_dict
+from aurora_core.data import shards
+from aurora_core.model.build import is_export
+from aurora_core.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teacher", "sft", "reflect", "grpo")
+
+
+@dataclass
+class RunLayout:
+    cfg: AuroraConfig
+
+    @property
+    def dir(self) -> Path:
+        return self.cfg.run.dir
+
+    @property
+    def shards(self) -> Path:
+        return self.cfg.data.shards_dir(self.cfg.run)
+
+    def export(self, stage: str) -> Path:
+        return self.dir / "exports" / stage
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / "stages" / stage
+
+
+def tracker_for(cfg: AuroraConfig) -> Tracker:
+    return Tracker(cfg.run.dir, cfg.run.name, cfg.tracking.experiment, cfg.tracking.enabled)
+
+
+def params_of(cfg: AuroraConfig) -> dict[str, Any]:
+    return flatten(to_dict(cfg))
+
+
+def require_shards(layout: RunLayout) -> dict[str, Any]:
+    return shards.load_manifest(layout.shards)
+
+
+def require_export(layout: RunLayout, stage: str, builder: str) -> Path:
+    path = layout.export(stage)
+    if not is_export(path):
+        raise FileNotFoundError(f"the {stage} model is missing ({path}); build it first: python pipelines/{builder}.py "
+                                f"--config ... run.root={layout.cfg.run.root} run.name={layout.cfg.run.name}")
+    return path
+
+
+def _supervised(cfg: AuroraConfig, stage: str, target: str, tracker: Tracker, parent: str | None, *,
+                init: Path | None = None, distill: Path | None = None, train_shards: Path | None = None
+                ) -> dict[str, Any]:
+    from aurora_core.train.loop import StageSpec, run_stage
+
+    layout = RunLayout(cfg)
+    out = layout.export(stage)
+    if is_export(out):
+        print(f"[{stage}] export exists at {out}: skipped")
+        return {"skipped": True, "export": str(out)}
+    require_shards(layout)
+    child = tracker.stage(parent, stage, params_of(cfg))
+    spec = StageSpec(stage=stage, target=target, train_shards=str(train_shards or layout.shards),
+                     val_shards=str(layout.shards), export_dir=str(out), stage_dir=str(layout.stage_dir(stage)),
+                     init=str(init) if init else None, distill=str(distill) if distill else None,
+                     tracking_uri=tracker.uri if tracker.enabled else None, mlflow_run_id=child)
+    t0 = time.time()
+    try:
+        metrics = run_stage(cfg, spec)
+    except BaseException:
+        tracker.finish(child, "FAILED")
+        raise
+    took = time.time() - t0
+    tracker.finish(child)
+    print(f"[{stage}] done in {took:.0f}s; export: {out}")
+    return {"export": str(out), "seconds": took, **metrics}
+
+
+def teacher(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, Any]:
+    """Stage 0: the non-CoT model answering ``It is <class> [SEG].``."""
+    return _supervised(cfg, "teacher", "direct", tracker, parent)
+
+
+def sft(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, Any]:
+    """Stage 1: structured-CoT SFT with [SEG] feature distillation against the frozen teacher."""
+    from aurora_core.infer import teacher_embeddings
+
+    layout = RunLayout(cfg)
+    if is_export(layout.export("sft")):
+        return _supervised(cfg, "sft", "cot", tracker, parent)
+    distill = None
+    if cfg.sft.distill_weight > 0:
+        teacher_dir = require_export(layout, "teacher", "teacher")
+        distill = layout.stage_dir("sft") / "teacher_seg.parquet"
+        if not distill.is_file():
+            n = teacher_embeddings(cfg, teacher_dir, layout.shards, distill)
+            print(f"[sft] teacher [SEG] embeddings for {n} train rows -> {distill}")
+    return _supervised(cfg, "sft", "cot", tracker, parent, distill=distill)
+
+
+def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) -> dict[str, Any]:
+    """Run the stage-1 model over the train split and write the stage-2 training set.
+
+    Wrong answers (class mismatch, or IoU under ``reflection.iou_threshold``) get the target
+    ``<own reasoning> Wait, let me reconsider. <correct CoT>``; right ones keep the ground-truth CoT.
+    Writes ``stages/reflect/shards`` (same schema, ``cot`` = the target) and ``answers.parquet``
+    (uid, the model's answer, class, IoU, corrected) for inspection.
+    """
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aurora_core import reasoning
+    from aurora_core.data.atomic import staged_dir
+    from aurora_core.infer import predict, write_table
+    from aurora_core.model.tokenizer import load_tokenizer
+
+    r = cfg.reflection
+    out = layout.stage_dir("reflect") / "shards"
+    t0 = time.time()
+    preds = predict(cfg, sft_dir, layout.shards, ["train"], "answer", actors=r.inference_actors,
+                    batch_size=r.inference_batch_size, cpus_per_actor=r.cpus_per_actor,
+                    gpus_per_actor=r.gpus_per_actor, max_new_tokens=r.max_new_tokens, temperature=r.temperature)
+    answers = {}
+    for row in preds.select_columns(["uid", "answer", "pred_class", "class_correct", "iou", "well_formed"]).iter_rows():
+        answers[row["uid"]] = row
+    tok = load_tokenizer(sft_dir / "tokenizer")
+    budget = cfg.model.max_answer_tokens - 1
+    report, counts = [], {"corrected": 0, "kept": 0, "class_wrong": 0, "iou_low": 0}
+    with staged_dir(out) as tmp:
+        (tmp / "train").mkdir()
+        files = shards.split_files(layout.shards, ["train"])
+        for f in files:
+            table = pq.read_table(f)
+            targets = []
+            for uid, cot in zip(table["uid"].to_pylist(), table["cot"].to_pylist()):
+                a = answers.get(uid)
+                if a is None:
+                    raise RuntimeError(f"reflect: no stage-1 answer for train row {uid}")
+                class_wrong = not a["class_correct"]
+                iou_low = float(a["iou"]) < r.iou_threshold
+                wrong = class_wrong or iou_low
+                target = cot
+                if wrong:
+                    own = a["answer"].replace(reasoning.ANSWER_SUFFIX, "").strip()
+                    room = budget - len(tok(f"{reasoning.REFLECT_TRIGGER} {cot}", add_special_tokens=False).input_ids)
+                    own_ids = tok(own, add_special_tokens=False).input_ids[: max(0, room)]
+                    target = reasoning.reflective_answer(tok.decode(own_ids), cot)
+                counts["corrected" if wrong else "kept"] += 1
+                counts["class_wrong"] += class_wrong
+                counts["iou_low"] += iou_low
+                targets.append(target)
+                report.append({"uid": uid, "answer": a["answer"], "pred_class": a["pred_class"],
+                               "class_correct": bool(a["class_correct"]), "iou": float(a["iou"]),
+                               "corrected": wrong})
+            table = table.set_column(table.schema.get_field_index("cot"), "cot", pa.array(targets, pa.string()))
+            pq.write_table(table, tmp / "train" / Path(f).name, compression="zstd")
+        manifest = _json.loads((layout.shards / "manifest.json").read_text())
+        manifest.update(counts={"train": len(report)}, files={"train": [Path(f).name for f in files]},
+                        reflect=counts, source_model=str(sft_dir))
+        (tmp / "manifest.json").write_text(_json.dumps(manifest, indent=1))
+    write_table(report, layout.stage_dir("reflect") / "answers.parquet")
+    n = max(1, len(report))
+    counts.update(rows=len(report), mean_iou=sum(x["iou"] for x in report) / n,
+                  class_accuracy=sum(x["class_correct"] for x in report) / n, seconds=time.time() - t0)
+    (layout.stage_dir("reflect") / "reflect_counts.json").write_text(_json.dumps(counts, indent=1))
+    return counts
+
+
+def reflect(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, Any]:
+    """Stage 2: corrective reflective-style training on the stage-1 model's own mistakes."""
+    import json as _json
+
+    from aurora_core.tracking import RunLogger
+
+    layout = RunLayout(cfg)
+    if is_export(layout.export("reflect")):
+        return _supervised(cfg, "reflect", "cot", tracker, parent)
+    sft_dir = require_export(layout, "sft", "sft")
+    counts_file = layout.stage_dir("reflect") / "reflect_counts.json"
+    if shards.manifest_exists(layout.stage_dir("reflect") / "shards") and counts_file.is_file():
+        counts = _json.loads(counts_file.read_text())
+    else:
+        counts = build_reflect_shards(cfg, sft_dir, layout)
+    print(f"[reflect] stage-1 answers on {counts['rows']} train rows: {counts['corrected']} corrected "
+          f"(class wrong {counts['class_wrong']}, IoU < {cfg.reflection.iou_threshold} {counts['iou_low']}), "
+          f"{counts['kept']} kept; class accuracy {counts['class_accuracy']:.3f}, mean IoU {counts['mean_iou']:.3f}")
+    child = tracker.stage(parent, "reflect", params_of(cfg))
+    RunLogger(tracker.uri if tracker.enabled else None, child).metrics(
+        {f"reflect/{k}": float(v) for k, v in counts.items()}, 0)
+    result = _supervised(cfg, "reflect", "cot", tracker, parent, init=sft_dir,
+                         train_shards=layout.stage_dir("reflect") / "shards")
+    return {**result, "reflect": counts}

@@ -1,0 +1,142 @@
+"""DeepSpeed ZeRO-3 for our model: the config, initialisation, and full views of the trainable state.
+
+Under ZeRO-3 every parameter is partitioned across ranks; the functions that read or write the full
+trainable tensors (``deepspeed.utils.safe_get/set_full_*``) are collectives: every rank calls them,
+in the same order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aurora_core.config import REPO_ROOT, StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def import_deepspeed():
+    """Import DeepSpeed with the traps of RUNTIME-NOTES.md avoided."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("torch._dynamo")  # zero.Init's signature checks need it imported first
+    import deepspeed
+
+    # The CPU accelerator JIT-builds an shm all-reduce op (~2 min of g++) used only for inference
+    # all-reduce; we never use it. The attribute deepspeed.comm.torch is the torch module, hence sys.modules.
+    comm_torch = sys.modules.get("deepspeed.comm.torch")
+    if comm_torch is not None and hasattr(comm_torch, "build_shm_op"):
+        comm_torch.build_shm_op = lambda: None
+    return deepspeed
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_absolute():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {p} not found (train.deepspeed_config)")
+    cfg = json.loads(p.read_text())
+    cfg.pop("_comment", None)
+    return cfg
+
+
+def deepspeed_config(path: str, st: StageConfig, total_steps: int, bf16: bool) -> dict[str, Any]:
+    """The JSON file's settings plus what our config owns: batch, lr, schedule, precision."""
+    cfg = load_ds_config(path)
+    cfg["train_micro_batch_size_per_gpu"] = st.batch_size
+    cfg["gradient_accumulation_steps"] = st.grad_accum
+    cfg.pop("train_batch_size", None)
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    opt.setdefault("params", {}).update(lr=st.lr, weight_decay=st.weight_decay)
+    cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": max(1, total_steps), "warmup_num_steps": min(st.warmup_steps, max(0, total_steps - 1)),
+        "warmup_type": "linear", "cos_min_ratio": st.min_lr_ratio}}
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    return cfg
+
+
+def initialize(model: torch.nn.Module, ds_cfg: dict[str, Any]):
+    deepspeed = import_deepspeed()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    return engine, scheduler
+
+
+def trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def gather_trainable(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 master copies of the trainable parameters, on every rank (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).detach().cpu() for n, p in trainable(engine)}
+
+
+def gather_optimizer(engine) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    out = {}
+    for n, p in trainable(engine):
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}/{n}"] = safe_get_full_optimizer_state(p, key).detach().cpu()
+    return out
+
+
+def set_trainable(engine, tensors: dict[str, torch.Tensor]) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    names = {n for n, _ in trainable(engine)}
+    if set(tensors) != names:
+        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
+        raise ValueError(f"checkpoint does not match the model's trainable parameters "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    deepspeed = import_deepspeed()
+    rank = torch.distributed.get_rank()
+    for n, p in trainable(engine):
+        safe_set_full_fp32_param(p, tensors[n].float())  # the optimizer's fp32 master partition
+        # ... and the module's own (possibly bf16) partition, which the next forward reads
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                p.data.copy_(tensors[n].to(p.dtype))
+
+
+def _ensure_adam_state(engine) -> None:
+    """torch Adam(W) creates its moments lazily at the first step, so a freshly initialised engine
+    has none to restore into; create them exactly as torch's lazy init would (zeros, step 0)."""
+    inner = engine.optimizer.optimizer
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        st = inner.state[flat]
+        if "exp_avg" not in st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+
+
+def set_optimizer(engine, tensors: dict[str, torch.Tensor], step: int) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    _ensure_adam_state(engine)
+    for n, p in trainable(engine):
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, tensors[f"{key}/{n}"].float(), key)
+    # Adam's bias correction reads the step count of each (flat, partitioned) parameter group
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(torch.as_tensor(state["step"]), step, dtype=torch.float32) \
+                if torch.is_tensor(state["step"]) else step
+
+
+def optimizer_step(engine) -> int:
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0

@@ -1,0 +1,348 @@
+"""The supervised training loop shared by the teacher, SFT and reflect stages.
+
+Driver side, :func:`run_stage` builds one Ray Dataset per epoch plus the validation set and runs a
+``TorchTrainer`` whose workers (:func:`train_worker`) each hold a DeepSpeed ZeRO-3 engine. Per
+optimizer step: LM + mask (BCE + Dice) (+ [SEG] distillation) loss, gradient accumulation, warm-up
+and cosine LR. Per epoch: validation (loss and teacher-forced J), mask overlays, a checkpoint
+through ``ray.train.report``. Restarts (``FailureConfig``) and reruns with the same run name resume
+from the newest checkpoint: model, optimizer, scheduler, RNG and the data position. At the end
+rank 0 writes the stage's export, which the next stage loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aurora_core import losses, reasoning
+from aurora_core.config import AuroraConfig, StageConfig, config_from_dict, to_dict
+from aurora_core.data import shards
+from aurora_core.metrics import SplitMetrics
+from aurora_core.train import checkpoint as ckpt_io
+from aurora_core.train import engine as ds
+from aurora_core.train.data import split_uids, train_datasets, val_dataset, write_resume_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSpec:
+    stage: str  # teacher | sft | reflect (also the config section with its StageConfig)
+    target: str  # "direct" (the teacher's answer) or "cot" (the row's cot column)
+    train_shards: str
+    val_shards: str
+    export_dir: str
+    stage_dir: str  # checkpoints, logs and side files of this stage
+    init: str | None = None  # export to start from; None: a fresh model from the config
+    distill: str | None = None  # Parquet uid -> teacher [SEG] embedding (SFT)
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+
+def targets(spec: StageSpec, batch: dict[str, Any]) -> list[str]:
+    if spec.target == "direct":
+        return [reasoning.direct_answer(c) for c in batch["class"]]
+    return list(batch["cot"])
+
+
+def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    t = {"lm": losses.lm_loss(out.logits, inp.labels),
+         "bce": losses.mask_bce(out.mask_logits, masks),
+         "dice": losses.dice_loss(out.mask_logits, masks)}
+    loss = st.lm_weight * t["lm"] + st.bce_weight * t["bce"] + st.dice_weight * t["dice"]
+    if teacher is not None:
+        t["distill"] = losses.distill_loss(out.seg_embedding, teacher)
+        loss = loss + st.distill_weight * t["distill"]
+    t["loss"] = loss
+    return t
+
+
+def initial_model(cfg: AuroraConfig, spec: StageSpec):
+    from aurora_core.model.build import build_model, load_export
+
+    if spec.init:
+        return load_export(spec.init, cfg.data, trainable=True)
+    model, proc = build_model(cfg.model, cfg.data)
+    return model, proc, cfg.model
+
+
+def load_distill_targets(path: str) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    return {u: np.asarray(e, dtype=np.float32) for u, e in zip(t["uid"].to_pylist(), t["embedding"].to_pylist())}
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- worker
+
+def _epochs_of_batches(st: StageConfig, first_epoch: int, seed: int, rank: int):
+    """This worker's batches of epochs first_epoch.. in order (each epoch is its own dataset shard)."""
+    import ray.train
+
+    for e in range(first_epoch, st.epochs):
+        log.info("epoch %d: reading train_e%d", e + 1, e)
+        yield from ray.train.get_dataset_shard(f"train_e{e}").iter_torch_batches(
+            batch_size=st.batch_size, collate_fn=shards.collate, local_shuffle_buffer_size=8 * st.batch_size,
+            local_shuffle_seed=seed * 1000 + e * 10 + rank)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from aurora_core.tracking import RunLogger, mask_overlay_png
+
+    cfg = config_from_dict(config["cfg"])
+    spec = StageSpec(**config["spec"])
+    st: StageConfig = getattr(cfg, spec.stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    bf16 = device.type == "cuda"  # NCCL + bf16 on GPUs; gloo + fp32 on CPUs
+    _seed(cfg.run.seed * 100 + rank)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{spec.stage} rank {rank}] %(message)s", force=True)
+
+    model, proc, _ = initial_model(cfg, spec)
+    model.to(device)
+    steps_per_epoch = config["steps_per_epoch"]
+    rows_per_epoch = steps_per_epoch * st.batch_size * st.grad_accum * world
+    total_steps = st.epochs * steps_per_epoch
+    if st.max_steps:
+        total_steps = min(total_steps, st.max_steps)
+    log.info("model ready (%s); initialising DeepSpeed ZeRO-3 on %d workers", device, world)
+    engine, scheduler = ds.initialize(model, ds.deepspeed_config(cfg.train.deepspeed_config, st, total_steps, bf16))
+    log.info("engine ready: %d optimizer steps planned (%d per epoch)", total_steps, steps_per_epoch)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    state = ckpt_io.TrainState(world_size=world)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = ckpt_io.load(engine, scheduler, Path(d), rank, world)
+        log.info("resumed at step %d (%d epochs done)", state.global_step, state.epochs_done)
+    stage_dir = Path(spec.stage_dir)
+    if rank == 0:
+        write_resume_file(stage_dir / "resume.json", state.epochs_done, state.consumed)
+    dist.barrier()  # the training pipeline reads resume.json when it starts: after this point
+
+    teacher = load_distill_targets(spec.distill) if (spec.distill and st.distill_weight > 0) else None
+    logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id if rank == 0 else None)
+    sample_log = None
+    if cfg.train.sample_log:
+        (stage_dir / "sample_log").mkdir(parents=True, exist_ok=True)
+        sample_log = open(stage_dir / "sample_log" / f"rank{rank}.jsonl", "a")
+        sample_log.write(json.dumps({"start_step": state.global_step}) + "\n")
+    consumed_local: dict[str, list[str]] = {}  # epoch -> this rank's rows applied since the (re)start
+
+    def save_checkpoint(metrics: dict[str, float]) -> None:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, consumed_local)
+        merged = {k: list(v) for k, v in state.consumed.items()}
+        for part in gathered:
+            for e, uids in part.items():
+                merged.setdefault(e, []).extend(uids)
+        while len(merged.get(str(state.epochs_done), [])) >= rows_per_epoch:
+            merged.pop(str(state.epochs_done))  # a finished epoch needs no uid list
+            state.epochs_done += 1
+        state.consumed, state.metrics = merged, metrics
+        consumed_local.clear()
+        with tempfile.TemporaryDirectory() as d:
+            ckpt_io.save(engine, scheduler, state, Path(d), rank, world)
+            ray.train.report({**metrics, "step": state.global_step},
+                             checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+
+    def validate(epoch: int) -> dict[str, float]:
+        engine.eval()
+        acc = SplitMetrics()
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, lm, bce, dice, rows
+        overlays = []
+        cap = st.val_rows // world if st.val_rows else None
+        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
+                batch_size=st.batch_size, collate_fn=shards.collate):
+            if cap is not None and sums[4] >= cap:
+                continue  # keep consuming: every rank must see its whole share
+            inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
+            with torch.no_grad():
+                out = engine(inp)
+                t = loss_terms(out, inp, batch["masks"].to(device), st, None)
+            n = len(batch["uid"])
+            sums += torch.tensor([t["loss"].item() * n, t["lm"].item() * n, t["bce"].item() * n,
+                                  t["dice"].item() * n, n], dtype=torch.float64)
+            acc.update(out.mask_logits.flatten(0, 1).float().cpu(), batch["masks"].flatten(0, 1))
+            if rank == 0 and len(overlays) < cfg.train.overlay_clips:
+                for i in range(min(n, cfg.train.overlay_clips - len(overlays))):
+                    overlays.append((batch["uid"][i], mask_overlay_png(batch["frames"][i], out.mask_logits[i].cpu(),
+                                                                      batch["masks"][i])))
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (sums, acc))
+        total = sum(p[0] for p in parts)
+        merged = SplitMetrics()
+        for p in parts:
+            if p[1].num_frames:
+                merged.merge(p[1])
+        n = max(1.0, float(total[4]))
+        m = {"val/loss": total[0] / n, "val/lm": total[1] / n, "val/bce": total[2] / n, "val/dice": total[3] / n,
+             "val/J": merged.compute()["J"] if merged.num_frames else float("nan"), "val/rows": float(total[4])}
+        for uid, png in overlays:
+            logger.png(png, f"overlays/epoch{epoch}/{uid}.png")
+        engine.train()
+        return {k: float(v) for k, v in m.items()}
+
+    metrics: dict[str, float] = dict(state.metrics)
+    if state.global_step < total_steps:
+        engine.train()
+        pending: list[tuple[str, int]] = []
+        step_sums = torch.zeros(6, dtype=torch.float64)  # loss lm bce dice distill tokens
+        t_step, t_data, t_wait = time.time(), 0.0, time.time()
+        log.info("training from step %d to %d", state.global_step, total_steps)
+        for batch in _epochs_of_batches(st, state.epochs_done, cfg.run.seed, rank):
+            t_data += time.time() - t_wait
+            inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
+            tt = None
+            if teacher is not None:
+                missing = [u for u in batch["uid"] if u not in teacher]
+                if missing:
+                    raise KeyError(f"no teacher [SEG] embedding for {missing[:3]} in {spec.distill}")
+                tt = torch.tensor(np.stack([teacher[u] for u in batch["uid"]]), device=device)
+            out = engine(inp)
+            t = loss_terms(out, inp, batch["masks"].to(device), st, tt)
+            before = engine.global_steps
+            engine.backward(t["loss"])
+            engine.step()
+            pending += list(zip(batch["uid"], batch["epoch"].tolist()))
+            step_sums += torch.tensor([t["loss"].item(), t["lm"].item(), t["bce"].item(), t["dice"].item(),
+                                       t.get("distill", torch.zeros(())).item(),
+                                       float((inp.labels != losses.IGNORE_INDEX).sum())], dtype=torch.float64)
+            if engine.global_steps == before:
+                t_wait = time.time()
+                continue
+            # ---- one optimizer step done
+            state.global_step = engine.global_steps
+            for uid, e in pending:
+                consumed_local.setdefault(str(e), []).append(uid)
+            if sample_log is not None:
+                sample_log.write(json.dumps({"step": state.global_step, "rows": pending}) + "\n")
+                sample_log.flush()
+            dt = time.time() - t_step
+            red = step_sums.clone()
+            dist.all_reduce(red)
+            micro = st.grad_accum * world
+            epoch = (state.global_step - 1) // steps_per_epoch
+            metrics = {"train/loss": red[0] / micro, "train/lm": red[1] / micro, "train/bce": red[2] / micro,
+                       "train/dice": red[3] / micro, "train/lr": scheduler.get_last_lr()[0],
+                       "train/samples_per_s": len(pending) * world / dt, "train/tokens_per_s": red[5] / dt,
+                       "train/step_time_s": dt, "train/data_wait_s": t_data, "train/epoch": epoch}
+            if teacher is not None:
+                metrics["train/distill"] = red[4] / micro
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if state.global_step % cfg.train.log_every_steps == 0:
+                logger.metrics(metrics, state.global_step)
+                if rank == 0:
+                    print(f"[{spec.stage}] epoch {epoch + 1}/{st.epochs} step {state.global_step}/{total_steps} "
+                          f"loss {metrics['train/loss']:.4f} (lm {metrics['train/lm']:.3f} bce {metrics['train/bce']:.3f} "
+                          f"dice {metrics['train/dice']:.3f}"
+                          + (f" distill {metrics['train/distill']:.4f}" if teacher is not None else "")
+                          + f") lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s",
+                          flush=True)
+            pending = []
+            step_sums.zero_()
+            last = state.global_step >= total_steps
+            if state.global_step % steps_per_epoch == 0:  # an epoch's worth of steps
+                ep = state.global_step // steps_per_epoch
+                if last or ep % st.val_every_epochs == 0:
+                    val = validate(ep - 1)
+                    metrics = {**metrics, **val}
+                    logger.metrics(val, state.global_step)
+                    if rank == 0:
+                        print(f"[{spec.stage}] epoch {ep} done: val loss {val['val/loss']:.4f} J {val['val/J']:.4f} "
+                              f"({int(val['val/rows'])} rows)", flush=True)
+                save_checkpoint(metrics)
+            elif last or (cfg.train.checkpoint_every_steps
+                          and state.global_step % cfg.train.checkpoint_every_steps == 0):
+                save_checkpoint(metrics)
+            if last:
+                break
+            t_step, t_data, t_wait = time.time(), 0.0, time.time()
+
+    # ---- export: gather the trained weights into a plain model on rank 0
+    log.info("training done at step %d; exporting", state.global_step)
+    params = ds.gather_trainable(engine)
+    if rank == 0:
+        from aurora_core.model.build import save_export
+
+        plain, proc0, m0 = initial_model(cfg, spec)
+        named = dict(plain.named_parameters())
+        with torch.no_grad():
+            for n, v in params.items():
+                named[n].copy_(v.to(named[n].dtype))
+        save_export(plain, proc0, m0, Path(spec.export_dir),
+                    extra={"stage": spec.stage, "global_step": state.global_step, "metrics": metrics})
+        logger.tag("aurora.export", spec.export_dir)
+    dist.barrier()
+    if sample_log is not None:
+        sample_log.close()
+    ray.train.report({**metrics, "step": state.global_step, "exported": 1.0})
+
+
+# --------------------------------------------------------------------------- driver
+
+def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
+    """Train one stage on Ray Train; returns the final reported metrics."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from aurora_core.runtime import init_ray
+
+    st: StageConfig = getattr(cfg, spec.stage)
+    init_ray(cfg)
+    w = cfg.train.num_workers
+    multiple = w * st.batch_size * st.grad_accum
+    uids = split_uids(Path(spec.train_shards), "train")
+    steps_per_epoch = len(uids) // multiple
+    if steps_per_epoch == 0:
+        raise ValueError(f"{spec.stage}: the train split has {len(uids)} rows, fewer than workers x batch x "
+                         f"accumulation = {multiple}")
+    train_files = shards.split_files(Path(spec.train_shards), ["train"])
+    resume_file = str(Path(spec.stage_dir) / "resume.json")
+    datasets = train_datasets(train_files, uids, cfg.data, epochs=st.epochs, multiple=multiple, seed=cfg.run.seed,
+                              resume_file=resume_file, batch_size=st.batch_size)
+    if len(uids) % multiple:
+        log.info("%s: each epoch leaves out %d of %d train rows (a seeded choice per epoch) so that all %d "
+                 "workers take the same number of steps", spec.stage, len(uids) % multiple, len(uids), w)
+    val_uids = split_uids(Path(spec.val_shards), "val")
+    datasets["val"] = val_dataset(shards.split_files(Path(spec.val_shards), ["val"]), val_uids, cfg.data,
+                                  workers=w, seed=cfg.run.seed, batch_size=st.batch_size)
+    Path(spec.stage_dir).mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "spec": asdict(spec), "steps_per_epoch": steps_per_epoch},
+        scaling_config=ScalingConfig(num_workers=w, use_gpu=cfg.train.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.stage, storage_path=str(cfg.run.dir / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split="all"),
+    )
+    log.info("%s: %d workers, %d steps per epoch, %d epochs", spec.stage, w, steps_per_epoch, st.epochs)
+    result = trainer.fit()
+    return dict(result.metrics or {})

@@ -1,0 +1,32 @@
+"""Stage 2: run the stage-1 model over the train split (a Ray Data actor pool), build reflective targets
+for its wrong answers (own reasoning + "Wait, let me reconsider." + the correct CoT), keep the right
+ones, write that dataset as shards, then train on it with the same loop.
+
+    python pipelines/reflect.py [--config configs/tiny.yaml] [key=value ...]
+
+Rerunning with the same run.name resumes from the last checkpoint; a finished stage is skipped.
+"""
+
+import sys
+
+from aurora_core import cli, stages
+
+
+def main() -> int:
+    args = cli.arg_parser(__doc__).parse_args()
+    cli.setup_logging()
+    cfg = cli.config_from_args(args)
+    tracker = stages.tracker_for(cfg)
+    parent = tracker.parent("reflect", stages.params_of(cfg))
+    try:
+        stages.reflect(cfg, tracker, parent)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        tracker.finish(parent, "FAILED")
+        return 1
+    tracker.finish(parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Teacher, SFT (+ distillation) and reflect on Ray Train + DeepSpeed ZeRO-3 with 2 CPU workers,
+tracked in MLflow; worker failure and driver restart resume exactly once from the last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aurora_core import stages
+from aurora_core.config import load_config
+from aurora_core.metrics import SplitMetrics
+from aurora_core.model.build import build_model, is_export
+from aurora_core.train.audit import committed_samples, restarts
+from aurora_core.train.data import left_out, split_uids
+from conftest import ROOT, SMALL_DATA, decoded_rows
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clips=1",
+         "teacher.epochs=2", "sft.epochs=3", "sft.lr=5e-3", "reflect.epochs=1",
+         "reflection.max_new_tokens=40", "reflection.inference_batch_size=16"]
+CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~150 train rows: 18 steps per epoch
+
+
+def cfg_for(root: Path, *extra: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + TRAIN + [f"run.root={root}", *extra])
+
+
+def expected_epoch(cfg, shards_dir, epoch: int) -> set[str]:
+    uids = split_uids(shards_dir, "train")
+    st = cfg.teacher
+    return set(uids) - set(left_out(uids, cfg.train.num_workers * st.batch_size * st.grad_accum, cfg.run.seed, epoch))
+
+
+@pytest.fixture(scope="module")
+def chain(ray_session, tmp_path_factory):
+    from aurora_core.data import shards, synthetic
+
+    root = tmp_path_factory.mktemp("chain")
+    cfg = cfg_for(root, *CHAIN_DATA)
+    layout = stages.RunLayout(cfg)
+    synthetic.generate(cfg.data.raw_dir(cfg.run), cfg.data)
+    shards.convert(cfg.data.raw_dir(cfg.run), layout.shards, cfg.data, source="synthetic", progress=False)
+    tracker = stages.tracker_for(cfg)
+    parent = tracker.parent("test-chain", stages.params_of(cfg))
+    t0 = time.time()
+    results = {"teacher": stages.teacher(cfg, tracker, parent)}
+    results["sft"] = stages.sft(cfg, tracker, parent)
+    results["reflect"] = stages.reflect(cfg, tracker, parent)
+    tracker.finish(parent)
+    print(f"chain took {time.time() - t0:.0f}s")
+    return cfg, results, tracker
+
+
+def client(tracker):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracker.uri)
+
+
+def test_each_stage_exports_and_checkpoints(chain):
+    cfg, results, _ = chain
+    layout = stages.RunLayout(cfg)
+    for stage in ("teacher", "sft", "reflect"):
+        assert is_export(layout.export(stage)), stage
+        meta = json.loads((layout.export(stage) / "aurora.json").read_text())
+        assert meta["stage"] == stage and meta["global_step"] > 0
+        ckpts = sorted(p for p in (cfg.run.dir / "ray_train" / stage).glob("checkpoint_*") if p.is_dir())
+        assert 1 <= len(ckpts) <= cfg.train.num_to_keep
+        assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= {p.name for p in ckpts[-1].iterdir()}
+    assert results["reflect"]["reflect"]["corrected"] + results["reflect"]["reflect"]["kept"] == \
+        results["reflect"]["reflect"]["rows"] > 0
+    assert (layout.stage_dir("reflect") / "answers.parquet").is_file()
+    assert (layout.stage_dir("reflect") / "shards" / "manifest.json").is_file()
+
+
+def test_mlflow_holds_params_metrics_artifacts(chain):
+    cfg, _, tracker = chain
+    c = client(tracker)
+    exp = c.get_experiment_by_name(f"aurora-{cfg.run.name}")
+    runs = c.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("aurora.pipeline") == "test-chain")
+    children = {r.data.tags["aurora.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"teacher", "sft", "reflect"}
+    for stage, run in children.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.params["sft.distill_weight"] == "1.0" and run.data.params["data.num_frames"] == "10"
+        for key in ("train/loss", "train/lm", "train/bce", "train/dice", "train/lr", "train/samples_per_s",
+                    "train/tokens_per_s", "train/step_time_s", "val/loss", "val/J"):
+            assert key in run.data.metrics, (stage, key)
+        history = c.get_metric_history(run.info.run_id, "train/loss")
+        assert len(history) >= 10 and len({h.step for h in history}) == len(history)
+        arts = [a.path for a in c.list_artifacts(run.info.run_id, "overlays")]
+        assert arts, stage
+        assert run.data.tags.get("aurora.export", "").endswith(f"exports/{stage}")
+    assert "train/distill" in children["sft"].data.metrics
+    assert "train/distill" not in children["teacher"].data.metrics
+    assert "reflect/corrected" in children["reflect"].data.metrics
+
+
+def test_uninterrupted_run_sees_every_row_once_per_epoch(chain):
+    cfg, _, _ = chain
+    seen = committed_samples(stages.RunLayout(cfg).stage_dir("teacher"))
+    for epoch in range(cfg.teacher.epochs):
+        assert set(seen[epoch]) == expected_epoch(cfg, stages.RunLayout(cfg).shards, epoch)
+        assert max(seen[epoch].values()) == 1
+
+
+def test_sft_beats_the_untrained_model_on_val(chain):
+    cfg, results, _ = chain
+    small_shards = stages.RunLayout(cfg).shards
+    torch.manual_seed(0)
+    model, proc = build_model(cfg.model, cfg.data)
+    model.eval()
+    acc = SplitMetrics()
+    rows = decoded_rows(small_shards, "val", 64, cfg.data)
+    with torch.no_grad():
+        for i in range(0, len(rows["uid"]), 8):
+            b = {k: v[i:i + 8] for k, v in rows.items()}
+            out = model(proc.train_batch(b, b["cot"]))
+            acc.update(out.mask_logits.flatten(0, 1), b["masks"].flatten(0, 1))
+    untrained = acc.compute()["J"]
+    sft_j = results["sft"]["val/J"]
+    print(f"val J untrained {untrained:.3f} -> SFT {sft_j:.3f}")
+    assert sft_j > untrained + 0.05
+
+
+def _wait(cond, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended while waiting for {what}:\n" + proc.stdout.read()[-4000:])
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _train_workers(root_pid: int) -> list:
+    import psutil
+
+    procs = psutil.Process(root_pid).children(recursive=True)
+    return [p for p in procs if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path):
+    """A training worker is killed (Ray restarts the group from the last checkpoint), then the whole
+    driver is killed; rerunning the same command with the same run name finishes the stage, and
+    every epoch's rows are trained exactly once, as in an uninterrupted run."""
+    epochs = 5
+    args = [sys.executable, "pipelines/teacher.py", *SMALL_DATA, *TRAIN, f"run.root={tmp_path}",
+            f"data.shards={small_shards}", f"teacher.epochs={epochs}", f"teacher.val_every_epochs={epochs}",
+            "train.checkpoint_every_steps=2", "train.max_failures=3", "ray.num_cpus=4", "ray.object_store_mb=256"]
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    cfg = cfg_for(tmp_path, f"data.shards={small_shards}", f"teacher.epochs={epochs}")
+    stage_dir = stages.RunLayout(cfg).stage_dir("teacher")
+    ckpt_dir = tmp_path / "tiny" / "ray_train" / "teacher"
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        # the snapshot is written once Ray Train has registered a reported checkpoint
+        _wait(lambda: (ckpt_dir / "checkpoint_manager_snapshot.json").is_file(), 400, "a first checkpoint", p)
+        workers = _train_workers(p.pid)
+        assert len(workers) == 2, workers
+        workers[1].kill()  # SIGKILL one training worker
+        _wait(lambda: (stage_dir / "sample_log" / "rank0.jsonl").is_file() and len(restarts(stage_dir)) >= 2,
+              300, "the worker group to restart", p)
+        n = len([d for d in ckpt_dir.glob("checkpoint_*") if d.is_dir()])
+        before = {d.name for d in ckpt_dir.glob("checkpoint_*")}
+        _wait(lambda: {d.name for d in ckpt_dir.glob("checkpoint_*")} - before, 300,
+              "a checkpoint after the restart", p)
+        assert n >= 1
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and everything it started
+        p.wait()
+    assert not is_export(stages.RunLayout(cfg).export("teacher"))
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert is_export(stages.RunLayout(cfg).export("teacher"))
+    starts = restarts(stage_dir)
+    assert len(starts) == 3 and starts[0] == 0 and 0 < starts[1] <= starts[2], starts
+    seen = committed_samples(stage_dir)
+    assert sorted(seen) == list(range(epochs))
+    for epoch in range(epochs):
+        assert set(seen[epoch]) == expected_epoch(cfg, small_shards, epoch) and max(seen[epoch].values()) == 1
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/tiny/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("aurora-tiny").experiment_id],
+                         filter_string="tags.`aurora.stage` = 'teacher'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the rerun logged into the same run
+    steps = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert steps == set(range(1, epochs * 6 + 1))
