@@ -218,6 +218,67 @@ class ReflectConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Stage 3: GRPO with IoU-based rewards (DESIGN.md §2) on a rollout pool and a ZeRO-3 learner."""
+
+    init: Optional[str] = None  # export to start from; default: <run>/exports/reflect
+    steps: int = 20
+    prompts_per_step: int = 4
+    num_samples: int = 3  # G completions per prompt
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 150
+    # optimisation
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    num_iterations: int = 1  # passes (optimizer steps) over each batch of rollouts
+    micro_batch: int = 6  # samples per learner forward/backward
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # asymmetric upper clip (DAPO "clip-higher"); None: = clip_eps
+    scale_rewards: bool = True  # divide advantages by the group std; false: Dr.GRPO
+    adv_eps: float = 1e-4
+    kl_coef: float = 0.0  # the paper's code declares beta=0.04 but leaves KL off
+    kl_estimator: str = "k3"  # k1 | k2 | k3, against the policy with its LoRA adapter disabled
+    mask_loss_weight: float = 1.0  # mask BCE*2 + Dice*0.5 on the rollouts, as the paper's code adds
+    # rewards
+    reward_format: float = 1.0
+    reward_class: float = 1.0
+    reward_iou: float = 1.0
+    iou_threshold: float = 0.5  # sigmoid threshold of the IoU reward
+    # sampling options
+    dynamic_sampling: bool = False  # drop groups whose rewards do not vary and draw more prompts
+    max_refill_rounds: int = 4
+    async_rollouts: bool = False  # one-step off-policy: rollouts for step t+1 overlap learning step t
+    # distribution
+    rollout_actors: int = 2
+    rollout_chunk: int = 1  # prompts per rollout task (small chunks keep every actor busy)
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+    learner_workers: int = 1
+    learner_cpus: float = 0.5
+    use_gpu: bool = False  # learner on GPUs (NCCL + bf16)
+    deepspeed_config: str = "configs/deepspeed/zero3.json"
+    checkpoint_every: int = 5
+    num_to_keep: int = 2
+    max_learner_restarts: int = 1  # a failed learner group is rebuilt from the last checkpoint
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1 and self.prompts_per_step >= 1, "grpo.steps and prompts_per_step must be >= 1")
+        _check(self.num_samples >= 2, "grpo.num_samples must be >= 2 (advantages are relative within a group)")
+        _check(self.kl_estimator in ("k1", "k2", "k3"), f"grpo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator}")
+        _check(self.prompts_per_step % self.learner_workers == 0,
+               "grpo.prompts_per_step must be a multiple of grpo.learner_workers")
+        per_worker = self.prompts_per_step // self.learner_workers * self.num_samples
+        _check(per_worker % self.micro_batch == 0,
+               f"grpo: each learner gets {per_worker} samples, which must be a multiple of grpo.micro_batch "
+               f"({self.micro_batch})")
+        _check(self.rollout_actors >= 1 and self.rollout_chunk >= 1, "grpo.rollout_actors/rollout_chunk must be >= 1")
+        _check(0 < self.clip_eps < 1, "grpo.clip_eps must be in (0, 1)")
+        _check(self.num_iterations >= 1, "grpo.num_iterations must be >= 1")
+
+
+@dataclass
 class TrackingConfig:
     experiment: Optional[str] = None  # default: aurora-<run.name>
     enabled: bool = True
@@ -240,6 +301,7 @@ class AuroraConfig:
     sft: StageConfig = field(default_factory=lambda: StageConfig(distill_weight=1.0))
     reflect: StageConfig = field(default_factory=StageConfig)
     reflection: ReflectConfig = field(default_factory=ReflectConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

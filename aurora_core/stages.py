@@ -212,3 +212,38 @@ def reflect(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str
     result = _supervised(cfg, "reflect", "cot", tracker, parent, init=sft_dir,
                          train_shards=layout.stage_dir("reflect") / "shards")
     return {**result, "reflect": counts}
+
+
+def grpo(cfg: AuroraConfig, tracker: Tracker, parent: str | None, init: Path | None = None) -> dict[str, Any]:
+    """Stage 3: GRPO from the stage-2 export (or ``init``) on a rollout pool and a ZeRO-3 learner."""
+    from aurora_core.rl import driver
+    from aurora_core.runtime import init_ray
+    from aurora_core.tracking import RunLogger
+
+    layout = RunLayout(cfg)
+    out = layout.export("grpo")
+    if is_export(out):
+        print(f"[grpo] export exists at {out}: skipped")
+        return {"skipped": True, "export": str(out)}
+    init = Path(init or cfg.grpo.init or layout.export("reflect"))
+    if not is_export(init):
+        raise FileNotFoundError(
+            f"no model to start GRPO from: {init} is not an export. Build the stage-2 model first "
+            f"(python pipelines/all.py, or prepare_data.py, teacher.py, sft.py and reflect.py in turn, with "
+            f"run.root={cfg.run.root} run.name={cfg.run.name}) or name one with --init PATH")
+    require_shards(layout)
+    init_ray(cfg)
+    child = tracker.stage(parent, "grpo", params_of(cfg))
+    logger = RunLogger(tracker.uri if tracker.enabled else None, child)
+    logger.tag("aurora.init", str(init))
+    t0 = time.time()
+    try:
+        result = driver.run(cfg, init, out, layout.shards, logger)
+    except BaseException:
+        tracker.finish(child, "FAILED")
+        raise
+    logger.tag("aurora.export", str(out))
+    tracker.finish(child)
+    took = time.time() - t0
+    print(f"[grpo] done in {took:.0f}s; export: {out}")
+    return {"export": str(out), "seconds": took, **result}

@@ -12,8 +12,7 @@ weights, the audio and vision towers, SAM's image and prompt encoders.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -156,26 +155,30 @@ class AuroraModel(nn.Module):
         is_end = comp == eos_id
         comp_mask = ((is_end.long().cumsum(1) - is_end.long()) == 0).long()  # through the first end token
         comp = comp.masked_fill(comp_mask == 0, pad_id)
-        full = prompts.repeat_interleave(g)
-        full.input_ids = torch.cat([full.input_ids, comp], 1)
-        full.attention_mask = torch.cat([full.attention_mask, comp_mask], 1)
-        out = self.forward(full, with_masks=True, seg_from=p)
-        logits = out.logits[:, p - 1:-1].float() / (temperature if do_sample else 1.0)
-        logprobs = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1) * comp_mask
+        out, logits = self.forward_completions(prompts.repeat_interleave(g), comp, comp_mask)
+        logprobs = token_logprobs(logits, comp, temperature if do_sample else 1.0) * comp_mask
         texts = [decode(row[m.bool()]) for row, m in zip(comp, comp_mask)]
         return Rollouts(texts, comp, comp_mask, logprobs, out.mask_logits, out.has_seg)
+
+    def forward_completions(self, prompts: ModelInputs, completion_ids: torch.Tensor,
+                            completion_mask: torch.Tensor, with_masks: bool = True
+                            ) -> tuple[AuroraOutput, torch.Tensor]:
+        """Teacher-forced forward of (left-padded) prompts + completions, one row each; returns the
+        output and the logits that predict each completion token ([N, C, V])."""
+        full = with_completions(prompts, completion_ids, completion_mask)
+        p = prompts.input_ids.shape[1]
+        out = self.forward(full, with_masks=with_masks, seg_from=p)
+        return out, out.logits[:, p - 1:-1]
+
+
+def with_completions(prompts: ModelInputs, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> ModelInputs:
+    """Prompts (left-padded) followed by completions: the rows a teacher-forced forward reads. The
+    answer's [SEG] is searched from column ``prompts.input_ids.shape[1]`` on (``seg_from``)."""
+    return replace(prompts, input_ids=torch.cat([prompts.input_ids, completion_ids], 1),
+                   attention_mask=torch.cat([prompts.attention_mask,
+                                             completion_mask.to(prompts.attention_mask.dtype)], 1))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(tokens) from logits aligned with them ([B, C, V], [B, C])."""
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)

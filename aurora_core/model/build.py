@@ -254,6 +254,24 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True,
     return model, proc, m
 
 
+def export_with_weights(init: str | Path | None, m: ModelConfig, data: DataConfig, weights: dict[str, torch.Tensor],
+                        out: Path, extra: dict[str, Any]) -> Path:
+    """Export = the starting model (an export, or a fresh one from ``m``) with the trained weights
+    gathered from a ZeRO-3 engine (trainable parameters by name) copied in."""
+    if init:
+        model, proc, m = load_export(init, data, trainable=True)
+    else:
+        model, proc = build_model(m, data)
+    named = dict(model.named_parameters())
+    unknown = set(weights) - set(named)
+    if unknown:
+        raise KeyError(f"trained weights for parameters the model lacks: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for n, v in weights.items():
+            named[n].copy_(v.to(named[n].dtype))
+    return save_export(model, proc, m, out, extra=extra)
+
+
 def export_merged(path: str | Path, out: str | Path, data: DataConfig) -> Path:
     """Serving export: LoRA merged into the thinker (merge_and_unload), no peft needed to load it."""
     model, proc, m = load_export(path, data, trainable=False)

@@ -74,7 +74,7 @@ def _drop_fn(batch: pa.Table, rows: DropRows) -> pa.Table:
     return rows(batch)
 
 
-def _epoch_pipeline(files: list[str], data: DataConfig, epoch: int, seed: int, dropped: list[str],
+def epoch_pipeline(files: list[str], data: DataConfig, epoch: int, seed: int, dropped: list[str],
                     resume_file: str | None, batch_size: int, shuffle: bool):
     import ray.data
 
@@ -96,13 +96,13 @@ def train_datasets(files: list[str], uids: list[str], data: DataConfig, *, epoch
     """One dataset per epoch, ``train_e<k>``, rows tagged with their epoch; epoch k leaves out
     ``left_out(uids, multiple, seed, k)``. (A single union of all epochs would start one Ray Data
     execution instead of one per epoch, but its start-up grows with the epoch count and is slower.)"""
-    return {f"train_e{e}": _epoch_pipeline(files, data, e, seed, left_out(uids, multiple, seed, e), resume_file,
+    return {f"train_e{e}": epoch_pipeline(files, data, e, seed, left_out(uids, multiple, seed, e), resume_file,
                                            batch_size, True) for e in range(epochs)}
 
 
 def val_dataset(files: list[str], uids: list[str], data: DataConfig, *, workers: int, seed: int, batch_size: int):
     """The validation rows, trimmed (seeded) to a multiple of the workers so ZeRO-3 ranks stay in step."""
-    return _epoch_pipeline(files, data, 0, seed, left_out(uids, workers, seed, 0), None, batch_size, False)
+    return epoch_pipeline(files, data, 0, seed, left_out(uids, workers, seed, 0), None, batch_size, False)
 
 
 def write_resume_file(path: Path, epochs_done: int, consumed: dict[str, list[str]]) -> None:

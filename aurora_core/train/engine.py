@@ -57,7 +57,7 @@ def deepspeed_config(path: str, st: StageConfig, total_steps: int, bf16: bool) -
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     opt.setdefault("params", {}).update(lr=st.lr, weight_decay=st.weight_decay)
     cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": max(1, total_steps), "warmup_num_steps": min(st.warmup_steps, max(0, total_steps - 1)),
+        "total_num_steps": max(1, total_steps), "warmup_num_steps": max(1, min(st.warmup_steps, total_steps - 1)),  # DeepSpeed needs >= 1
         "warmup_type": "linear", "cos_min_ratio": st.min_lr_ratio}}
     cfg["bf16"] = {"enabled": bool(bf16)}
     return cfg

@@ -285,15 +285,10 @@ def train_worker(config: dict[str, Any]) -> None:
     log.info("training done at step %d; exporting", state.global_step)
     params = ds.gather_trainable(engine)
     if rank == 0:
-        from aurora_core.model.build import save_export
+        from aurora_core.model.build import export_with_weights
 
-        plain, proc0, m0 = initial_model(cfg, spec)
-        named = dict(plain.named_parameters())
-        with torch.no_grad():
-            for n, v in params.items():
-                named[n].copy_(v.to(named[n].dtype))
-        save_export(plain, proc0, m0, Path(spec.export_dir),
-                    extra={"stage": spec.stage, "global_step": state.global_step, "metrics": metrics})
+        export_with_weights(spec.init, cfg.model, cfg.data, params, Path(spec.export_dir),
+                            extra={"stage": spec.stage, "global_step": state.global_step, "metrics": metrics})
         logger.tag("aurora.export", spec.export_dir)
     dist.barrier()
     if sample_log is not None:

@@ -1,0 +1,187 @@
+"""The rollout side of GRPO: Ray actors that each hold a policy copy, and the pool that feeds them.
+
+A :class:`RolloutWorker` samples G completions per prompt with ``generate_with_masks``, scores them
+(aurora_core.rl.rewards) and returns token ids, old log-probs, reward terms, IoU, the parsed class and
+the policy version. Weights arrive as one object-store reference per version; an actor runs its
+calls one at a time, so a generate call never mixes versions, and every call states the version
+it expects.
+
+:class:`RolloutPool` (driver side) cuts a step's prompts into small chunks and hands the next chunk
+to whichever actor is free, so a slow actor does not idle the others. An actor that dies is
+replaced (initial weights, then the current version) and its chunk re-issued; results are keyed by
+prompt index, so every prompt's group arrives exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    """Ray actor class (wrapped with ray.remote by the pool)."""
+
+    def __init__(self, export_dir: str, cfg: dict[str, Any], seed: int):
+        from aurora_core.config import config_from_dict
+        from aurora_core.model.build import load_export
+        from aurora_core.rl.rewards import RewardWeights
+
+        self.cfg = config_from_dict(cfg)
+        g = self.cfg.grpo
+        self.weights = RewardWeights(g.reward_format, g.reward_class, g.reward_iou, g.iou_threshold)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False)
+        self.model.to(self.device).eval()
+        self.dtype = next(self.model.llm.parameters()).dtype
+        self.params = {n: p for n, p in self.model.named_parameters()}
+        self.version = 0
+        self.seed = seed
+        torch.manual_seed(seed)
+
+    def ready(self) -> int:
+        return self.version
+
+    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
+        """Load trainable weights (gathered from the learner) by name; return the new version."""
+        unknown = set(weights) - set(self.params)
+        if unknown:
+            raise KeyError(f"weights for unknown parameters {sorted(unknown)[:3]}")
+        with torch.no_grad():
+            for n, v in weights.items():
+                self.params[n].copy_(v.to(device=self.device, dtype=self.params[n].dtype))
+        self.version = version
+        return version
+
+    def generate(self, clips: dict[str, Any], indices: list[int], version: int) -> list[dict[str, Any]]:
+        """One group of G samples for each prompt ``clips[indices]``."""
+        from aurora_core.data.shards import collate
+        from aurora_core.metrics import mask_iou
+        from aurora_core.reasoning import parse_answer
+        from aurora_core.rl.rewards import score
+
+        if version != self.version:
+            raise RuntimeError(f"asked for policy version {version} but holds {self.version}")
+        g = self.cfg.grpo
+        sub = collate({k: v[indices] for k, v in clips.items()})
+        torch.manual_seed(self.seed * 100003 + version * 1009 + indices[0])
+        t0 = time.time()
+        prompts = self.proc.prompt_batch(sub).to(self.device, self.dtype)
+        r = self.model.generate_with_masks(
+            prompts, num_samples=g.num_samples, temperature=g.temperature, top_p=g.top_p,
+            max_new_tokens=g.max_new_tokens, eos_id=self.proc.eos_id, pad_id=self.proc.pad_id,
+            suppress_ids=self.proc.suppress_ids, decode=self.proc.decode)
+        t_gen = time.time() - t0
+        t0 = time.time()
+        masks = r.mask_logits.float().cpu()
+        out = []
+        G = g.num_samples
+        for j, idx in enumerate(indices):
+            rows = slice(j * G, (j + 1) * G)
+            gt, cls = sub["masks"][j], sub["class"][j]
+            terms = [score(r.texts[k], masks[k], gt, cls, self.weights) for k in range(rows.start, rows.stop)]
+            out.append({
+                "index": idx, "uid": sub["uid"][j], "version": self.version,
+                "completion_ids": r.completion_ids[rows].cpu().numpy().astype(np.int32),
+                "completion_mask": r.completion_mask[rows].cpu().numpy().astype(np.int8),
+                "logprobs": r.logprobs[rows].float().cpu().numpy(),
+                "rewards": {k: np.array([t[k] for t in terms], dtype=np.float32) for k in terms[0]},
+                "j": np.array([mask_iou(masks[k], gt) for k in range(rows.start, rows.stop)], dtype=np.float32),
+                "pred_class": [parse_answer(r.texts[k]).predicted_class or "" for k in range(rows.start, rows.stop)],
+                "texts": r.texts[rows],
+                "gen_tokens": int(r.completion_mask[rows].sum()),
+            })
+        t_rew = time.time() - t0
+        for o in out:
+            o["gen_time"], o["reward_time"] = t_gen / len(indices), t_rew / len(indices)
+        return out
+
+
+class RolloutPool:
+    def __init__(self, cfg, export_dir: str):
+        import ray
+
+        from aurora_core.config import to_dict
+
+        self.cfg = cfg
+        self.export_dir = str(export_dir)
+        self.cfg_dict = to_dict(cfg)
+        g = cfg.grpo
+        self.actor_cls = ray.remote(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor or None,
+                                    max_restarts=0)(RolloutWorker)
+        self.version = 0
+        self.weights_ref = None  # latest weights in the object store (None: the export's own)
+        self.replaced = 0
+        self._spawned = 0
+        self.actors = [self._new_actor() for _ in range(g.rollout_actors)]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def _new_actor(self):
+        self._spawned += 1
+        actor = self.actor_cls.remote(self.export_dir, self.cfg_dict, self.cfg.run.seed * 1000 + self._spawned)
+        if self.weights_ref is not None:
+            actor.set_weights.remote(self.weights_ref, self.version)
+        return actor
+
+    def push(self, weights_ref, version: int) -> None:
+        """Every actor switches to ``version`` before its next generate call (actor calls run in order)."""
+        import ray
+
+        self.weights_ref, self.version = weights_ref, version
+        ray.get([a.set_weights.remote(weights_ref, version) for a in self.actors])
+
+    def generate(self, clips_ref, indices: list[int],
+                 on_result: Callable[[int, int], None] | None = None) -> dict[int, dict[str, Any]]:
+        """Groups for ``indices`` of the clips behind ``clips_ref``; ``on_result(done, total)`` is called
+        as chunks come back (progress reporting)."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        chunk = self.cfg.grpo.rollout_chunk
+        queue = collections.deque(indices[i:i + chunk] for i in range(0, len(indices), chunk))
+        free = collections.deque(range(len(self.actors)))
+        inflight: dict[Any, tuple[int, list[int]]] = {}
+        results: dict[int, dict[str, Any]] = {}
+        while queue or inflight:
+            while queue and free:
+                a = free.popleft()
+                part = queue.popleft()
+                inflight[self.actors[a].generate.remote(clips_ref, part, self.version)] = (a, part)
+            done, _ = ray.wait(list(inflight), num_returns=1)
+            a, part = inflight.pop(done[0])
+            try:
+                groups = ray.get(done[0])
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                log.warning("rollout actor %d died (%s); replacing it and re-issuing prompts %s",
+                            a, type(e).__name__, part)
+                self.replaced += 1
+                self.actors[a] = self._new_actor()
+                queue.appendleft(part)
+                free.append(a)
+                continue
+            for grp in groups:
+                if grp["index"] in results:
+                    raise RuntimeError(f"prompt {grp['index']} came back twice")
+                if grp["version"] != self.version:
+                    raise RuntimeError(f"prompt {grp['index']} sampled with version {grp['version']}, "
+                                       f"expected {self.version}")
+                results[grp["index"]] = grp
+            free.append(a)
+            if on_result is not None:
+                on_result(len(results), len(indices))
+        missing = set(indices) - set(results)
+        if missing:
+            raise RuntimeError(f"no rollouts for prompts {sorted(missing)}")
+        return results
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)

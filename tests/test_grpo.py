@@ -1,0 +1,191 @@
+"""GRPO on Ray: the rollout pool (versions, a dying actor), dynamic sampling, a run with 2 learner
+workers + async rollouts + KL that checkpoints and resumes, and `ray job submit` of pipelines/grpo.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aurora_core import stages
+from aurora_core.config import load_config
+from aurora_core.model.build import build_model, is_export, save_export
+from conftest import ROOT, SMALL_DATA, decoded_rows
+
+pytestmark = pytest.mark.slow
+
+GRPO = ["grpo.max_new_tokens=24", "grpo.rollout_actors=2", "grpo.cpus_per_actor=0.5", "grpo.learner_cpus=0.5"]
+
+
+def cfg_for(root, shards_dir, *extra):
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       SMALL_DATA + GRPO + [f"run.root={root}", f"data.shards={shards_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def init_export(small_cfg, tmp_path_factory):
+    torch.manual_seed(0)
+    model, proc = build_model(small_cfg.model, small_cfg.data)
+    return save_export(model, proc, small_cfg.model, tmp_path_factory.mktemp("init") / "export")
+
+
+@pytest.fixture(scope="module")
+def clips(small_cfg, small_shards):
+    rows = decoded_rows(small_shards, "train", 6, small_cfg.data)
+    keys = ("uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
+    return {k: (np.asarray(rows[k]) if isinstance(rows[k], list) else rows[k].numpy()) for k in keys}
+
+
+def test_pool_versions_and_a_dying_actor(ray_session, small_shards, init_export, clips, tmp_path):
+    import ray
+
+    from aurora_core.rl.rollout import RolloutPool
+
+    cfg = cfg_for(tmp_path, small_shards, "grpo.rollout_chunk=1")
+    pool = RolloutPool(cfg, str(init_export))
+    try:
+        model, _ = build_model(cfg.model, cfg.data)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        pool.push(ray.put(weights), 1)
+        ref = ray.put(clips)
+        with pytest.raises(ray.exceptions.RayTaskError, match="version 0 but holds 1"):
+            ray.get(pool.actors[0].generate.remote(ref, [0], 0))
+        victim = pool.actors[0]
+
+        def kill_once(done, total):  # mid-step: after the first group is back, the rest pending
+            if done == 1:
+                ray.kill(victim)
+
+        got = pool.generate(ref, list(range(6)), on_result=kill_once)
+        assert sorted(got) == list(range(6)), "every prompt's group exactly once"
+        assert pool.replaced == 1
+        G = cfg.grpo.num_samples
+        for i, grp in got.items():
+            assert grp["index"] == i and grp["uid"] == clips["uid"][i] and grp["version"] == 1
+            assert grp["completion_ids"].shape == grp["logprobs"].shape and grp["completion_ids"].shape[0] == G
+            assert set(grp["rewards"]) == {"format", "class", "iou", "total"} and len(grp["texts"]) == G
+        # the replacement got the current weights before its first call
+        assert ray.get(pool.actors[0].ready.remote()) == 1
+    finally:
+        pool.shutdown()
+
+
+def test_dynamic_sampling_drops_and_refills(ray_session, small_shards, init_export, tmp_path):
+    from aurora_core.rl.driver import DriverState, PromptStream, collect
+    from aurora_core.rl.rollout import RolloutPool
+
+    # only the class reward, which an untrained model never earns: every group has zero variance
+    cfg = cfg_for(tmp_path, small_shards, "grpo.dynamic_sampling=true", "grpo.max_refill_rounds=1",
+                  "grpo.reward_format=0", "grpo.reward_iou=0", "grpo.prompts_per_step=2", "grpo.micro_batch=6")
+    pool = RolloutPool(cfg, str(init_export))
+    stream = PromptStream(cfg, small_shards, DriverState())
+    try:
+        batch = collect(cfg, pool, stream)
+    finally:
+        stream.close()
+        pool.shutdown()
+    assert len(batch.groups) == 2 and batch.clips["frames"].shape[0] == 2
+    assert batch.drawn == 4 and batch.zero_var == 4  # drew, dropped, refilled once, then filled
+    assert len(set(stream.state.consumed)) == 4  # the data position counts every drawn prompt
+
+
+def test_grpo_run_two_learners_async_kl_checkpoint_resume(ray_session, small_shards, init_export, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    extra = ["grpo.learner_workers=2", "grpo.prompts_per_step=4", "grpo.micro_batch=3", "grpo.async_rollouts=true",
+             "grpo.kl_coef=0.05", "grpo.checkpoint_every=1", f"grpo.init={init_export}"]
+    cfg = cfg_for(tmp_path, small_shards, "grpo.steps=2", *extra)
+    tracker = stages.tracker_for(cfg)
+    first = stages.grpo(cfg, tracker, tracker.parent("grpo", {}))
+    layout = stages.RunLayout(cfg)
+    assert is_export(layout.export("grpo"))
+    assert [h["policy_version"] for h in first["history"]] == [1.0, 2.0]
+    ckpt = layout.stage_dir("grpo") / "checkpoints" / "step_000002"
+    meta = json.loads((ckpt / "driver.json").read_text())
+    assert meta["queued"] is None  # no rollouts are generated past the last step
+    step1 = json.loads((layout.stage_dir("grpo") / "checkpoints" / "step_000001" / "driver.json").read_text())
+    assert len(step1["queued"]["uids"]) == 4  # async: step 2's rollouts were queued at step 1
+
+    # continue to step 3 from the step-2 checkpoint, as after an interrupted driver: the export
+    # (which marks a finished stage) is not there yet and the stage's MLflow run is not FINISHED
+    import shutil
+
+    shutil.rmtree(layout.export("grpo"))
+    c = MlflowClient(tracking_uri=tracker.uri)
+    exp_id = c.get_experiment_by_name("aurora-tiny").experiment_id
+    first_run = c.search_runs([exp_id], filter_string="tags.`aurora.stage` = 'grpo'")[0]
+    c.set_terminated(first_run.info.run_id, "KILLED")
+    cfg3 = cfg_for(tmp_path, small_shards, "grpo.steps=3", *extra)
+    second = stages.grpo(cfg3, tracker, tracker.parent("grpo", {}))
+    assert [h["policy_version"] for h in second["history"]] == [3.0]
+    assert second["history"][0]["optimizer_step"] == 3
+    runs = c.search_runs([exp_id], filter_string="tags.`aurora.stage` = 'grpo'")
+    assert len(runs) == 1 and runs[0].info.run_id == first_run.info.run_id  # resumed into the same run
+    run = runs[0]
+    for key in ("reward/total_mean", "reward/format_mean", "reward/class_mean", "reward/iou_mean", "iou", "J",
+                "format_rate", "kl", "clip_frac", "entropy", "adv/mean", "adv/std", "zero_variance_frac",
+                "gen_tokens_per_s", "time/generate_s", "time/reward_s", "time/learner_s", "time/sync_s",
+                "time/idle_s", "loss/policy", "loss/mask"):
+        assert key in run.data.metrics, key
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "reward/total_mean")) == [1, 2, 3]
+    assert second["history"][0]["kl"] >= 0.0
+
+
+def test_grpo_without_stage2_export_names_the_command(tmp_path, small_shards):
+    from conftest import run_script
+
+    r = run_script("pipelines/grpo.py", *SMALL_DATA, f"run.root={tmp_path}", f"data.shards={small_shards}")
+    assert r.returncode == 1
+    assert "reflect.py" in r.stderr and "--init" in r.stderr
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_ray_job_submit_grpo(small_shards, init_export, tmp_path):
+    """`ray job submit --working-dir . -- python pipelines/grpo.py` against a local head on 127.0.0.1."""
+    p = _free_ports(10)
+    state = tmp_path / "head"
+    env = {**os.environ, "AURORA_RAY_STATE_DIR": str(state), "AURORA_RAY_PORT": str(p[0]),
+           "AURORA_DASHBOARD_PORT": str(p[1]), "RAY_AUTH_MODE": "token"}
+    flags = ["--num-cpus", "4", "--object-store-memory", str(256 * 1024**2), "--include-dashboard", "true",
+             "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
+             "--metrics-export-port", str(p[4]), "--runtime-env-agent-port", str(p[5]),
+             "--ray-client-server-port", str(p[6]), "--node-manager-port", str(p[7]),
+             "--object-manager-port", str(p[8]),
+             # below the ephemeral range the free ports above come from
+             "--min-worker-port", "20000", "--max-worker-port", "20199"]
+    r = subprocess.run(["bash", "cluster/start_local.sh", *flags], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ray_bin = str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv" / "bin" / "ray").exists() else "ray"
+    try:
+        address = f"http://127.0.0.1:{p[1]}"
+        cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
+               "python", "pipelines/grpo.py", *SMALL_DATA, *GRPO, f"run.root={tmp_path}",
+               f"data.shards={small_shards}", "grpo.steps=1", f"--init={init_export}"]
+        deadline = time.time() + 120
+        while True:  # the job agent needs some seconds after the dashboard answers
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in r.stdout + r.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+        assert "succeeded" in (r.stdout + r.stderr).lower()
+        assert is_export(Path(tmp_path) / "tiny" / "exports" / "grpo")
+    finally:
+        subprocess.run(["bash", "cluster/stop_local.sh"], cwd=ROOT, env=env, capture_output=True, timeout=120)
