@@ -279,6 +279,21 @@ class GRPOConfig:
 
 
 @dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["test_s", "test_u", "test_n"])
+    batch_size: int = 8
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_new_tokens: int = 160
+    overlays: int = 2  # mask overlays of the best and of the worst clips per split
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.splits if s not in ("train", "val", "test_s", "test_u", "test_n")]
+        _check(not bad, f"eval.splits: unknown split(s) {bad}")
+
+
+@dataclass
 class TrackingConfig:
     experiment: Optional[str] = None  # default: aurora-<run.name>
     enabled: bool = True
@@ -302,6 +317,7 @@ class AuroraConfig:
     reflect: StageConfig = field(default_factory=StageConfig)
     reflection: ReflectConfig = field(default_factory=ReflectConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -82,7 +82,11 @@ class ExportPredictor:
             out["metrics"].append(json.dumps(acc.to_state()))
             fg = (torch.sigmoid(masks[i]) > 0.4).to(torch.uint8) * 255
             out["pred_masks"].append([encode_png(m[None]).numpy().tobytes() for m in fg])
-        return {k: np.asarray(v, dtype=object) if k in ("pred_masks",) else np.asarray(v) for k, v in out.items()}
+        result = {k: np.asarray(v) for k, v in out.items() if k != "pred_masks"}
+        masks = np.empty(len(out["pred_masks"]), dtype=object)  # 1-D: one list of PNGs per row (list<binary>)
+        masks[:] = out["pred_masks"]
+        result["pred_masks"] = masks
+        return result
 
 
 def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,

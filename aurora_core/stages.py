@@ -247,3 +247,41 @@ def grpo(cfg: AuroraConfig, tracker: Tracker, parent: str | None, init: Path | N
     took = time.time() - t0
     print(f"[grpo] done in {took:.0f}s; export: {out}")
     return {"export": str(out), "seconds": took, **result}
+
+
+def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Path, name: str | None = None,
+             splits: list[str] | None = None) -> dict[str, Any]:
+    """Ref-AVS metrics of one exported model on the test splits (``<run>/eval/<name>/results.json``);
+    results newer than the export are reused."""
+    import json as _json
+
+    from aurora_core.evaluate import evaluate as run_eval
+    from aurora_core.runtime import init_ray
+    from aurora_core.tracking import RunLogger
+
+    layout = RunLayout(cfg)
+    model = Path(model)
+    if not is_export(model):
+        raise FileNotFoundError(f"{model} is not an exported model (no aurora.json)")
+    name = name or model.name
+    splits = list(splits or cfg.eval.splits)
+    out = layout.dir / "eval" / name
+    res = out / "results.json"
+    if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
+        cached = _json.loads(res.read_text())
+        if sorted(cached["splits"]) == sorted(splits):
+            print(f"[eval] {name}: results at {res} are newer than the model: reused")
+            return cached
+    require_shards(layout)
+    init_ray(cfg)
+    child = tracker.stage(parent, f"eval-{name}", params_of(cfg))
+    logger = RunLogger(tracker.uri if tracker.enabled else None, child)
+    logger.tag("aurora.model", str(model))
+    try:
+        result = run_eval(cfg, model, layout.shards, out, splits, name, logger)
+    except BaseException:
+        tracker.finish(child, "FAILED")
+        raise
+    tracker.finish(child)
+    print(f"[eval] {name}: {result['seconds']:.0f}s, results in {res}")
+    return result

@@ -365,21 +365,31 @@ def test_int_or_string_accepts_both(validators):
 # RayJobs
 
 
+def _script_flags(script: str) -> set[str]:
+    """The --options a pipeline script declares (besides --config, which every script has)."""
+    path = REPO_ROOT / script
+    return set(re.findall(r'add_argument\("(--[\w-]+)"', path.read_text())) if path.is_file() else set()
+
+
 def _entrypoint(job: dict) -> tuple[str, str, list[str]]:
-    """(script, config, overrides) of ``python pipelines/<x>.py --config FILE key=value ...``."""
+    """(script, config, overrides) of ``python pipelines/<x>.py --config FILE [--opt V] key=value ...``."""
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] in ("python", "python3"), f"entrypoint must run python: {argv}"
     script, rest = argv[1], argv[2:]
+    flags = _script_flags(script)
     config, overrides = None, []
     i = 0
     while i < len(rest):
         if rest[i] == "--config" and i + 1 < len(rest):
             config, i = rest[i + 1], i + 2
+        elif rest[i] in flags and i + 1 < len(rest):
+            i += 2  # an option of this script (e.g. evaluate.py --model PATH)
         elif re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*=", rest[i]):
             overrides.append(rest[i])
             i += 1
         else:
-            raise AssertionError(f"unexpected entrypoint argument {rest[i]!r} (only --config and key=value)")
+            raise AssertionError(f"unexpected entrypoint argument {rest[i]!r} (not --config, an option "
+                                 f"{script} declares, or key=value)")
     assert config is not None, "entrypoint has no --config FILE"
     return script, config, overrides
 

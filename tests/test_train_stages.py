@@ -25,9 +25,11 @@ from conftest import ROOT, SMALL_DATA, decoded_rows
 pytestmark = pytest.mark.slow
 
 TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clips=1",
-         "teacher.epochs=2", "sft.epochs=3", "sft.lr=5e-3", "reflect.epochs=1",
+         "teacher.epochs=2", "teacher.val_every_epochs=2", "sft.epochs=3", "sft.lr=5e-3",
+         "sft.val_every_epochs=3", "reflect.epochs=1",
          "reflection.max_new_tokens=40", "reflection.inference_batch_size=16"]
 CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~150 train rows: 18 steps per epoch
+CHAIN_RL = ["grpo.steps=2", "grpo.max_new_tokens=40", "eval.max_new_tokens=60", "eval.overlays=1"]
 
 
 def cfg_for(root: Path, *extra: str):
@@ -40,24 +42,24 @@ def expected_epoch(cfg, shards_dir, epoch: int) -> set[str]:
     return set(uids) - set(left_out(uids, cfg.train.num_workers * st.batch_size * st.grad_accum, cfg.run.seed, epoch))
 
 
+def load_pipeline(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"pipeline_{name}", ROOT / "pipelines" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(scope="module")
 def chain(ray_session, tmp_path_factory):
-    from aurora_core.data import shards, synthetic
-
+    """pipelines/all.py's run_all on a small synthetic set: data, the four stages, evaluation."""
     root = tmp_path_factory.mktemp("chain")
-    cfg = cfg_for(root, *CHAIN_DATA)
-    layout = stages.RunLayout(cfg)
-    synthetic.generate(cfg.data.raw_dir(cfg.run), cfg.data)
-    shards.convert(cfg.data.raw_dir(cfg.run), layout.shards, cfg.data, source="synthetic", progress=False)
-    tracker = stages.tracker_for(cfg)
-    parent = tracker.parent("test-chain", stages.params_of(cfg))
+    cfg = cfg_for(root, *CHAIN_DATA, *CHAIN_RL)
     t0 = time.time()
-    results = {"teacher": stages.teacher(cfg, tracker, parent)}
-    results["sft"] = stages.sft(cfg, tracker, parent)
-    results["reflect"] = stages.reflect(cfg, tracker, parent)
-    tracker.finish(parent)
-    print(f"chain took {time.time() - t0:.0f}s")
-    return cfg, results, tracker
+    out = load_pipeline("all").run_all(cfg)
+    print(f"chain took {time.time() - t0:.0f}s\n{out['table']}")
+    return cfg, out, stages.tracker_for(cfg)
 
 
 def client(tracker):
@@ -67,8 +69,9 @@ def client(tracker):
 
 
 def test_each_stage_exports_and_checkpoints(chain):
-    cfg, results, _ = chain
+    cfg, out, _ = chain
     layout = stages.RunLayout(cfg)
+    reflect = json.loads((layout.stage_dir("reflect") / "reflect_counts.json").read_text())
     for stage in ("teacher", "sft", "reflect"):
         assert is_export(layout.export(stage)), stage
         meta = json.loads((layout.export(stage) / "aurora.json").read_text())
@@ -76,8 +79,8 @@ def test_each_stage_exports_and_checkpoints(chain):
         ckpts = sorted(p for p in (cfg.run.dir / "ray_train" / stage).glob("checkpoint_*") if p.is_dir())
         assert 1 <= len(ckpts) <= cfg.train.num_to_keep
         assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= {p.name for p in ckpts[-1].iterdir()}
-    assert results["reflect"]["reflect"]["corrected"] + results["reflect"]["reflect"]["kept"] == \
-        results["reflect"]["reflect"]["rows"] > 0
+    assert reflect["corrected"] + reflect["kept"] == reflect["rows"] > 0
+    assert is_export(layout.export("grpo"))
     assert (layout.stage_dir("reflect") / "answers.parquet").is_file()
     assert (layout.stage_dir("reflect") / "shards" / "manifest.json").is_file()
 
@@ -87,10 +90,14 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     c = client(tracker)
     exp = c.get_experiment_by_name(f"aurora-{cfg.run.name}")
     runs = c.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("aurora.pipeline") == "test-chain")
+    parent = next(r for r in runs if r.data.tags.get("aurora.pipeline") == "all")
     children = {r.data.tags["aurora.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"teacher", "sft", "reflect"}
-    for stage, run in children.items():
+    assert set(children) == {"teacher", "sft", "reflect", "grpo", "eval-teacher", "eval-sft", "eval-reflect",
+                             "eval-grpo"}
+    assert parent.info.status == "FINISHED"
+    assert "results_table.txt" in [a.path for a in c.list_artifacts(parent.info.run_id)]
+    for stage in ("teacher", "sft", "reflect"):
+        run = children[stage]
         assert run.info.status == "FINISHED"
         assert run.data.params["sft.distill_weight"] == "1.0" and run.data.params["data.num_frames"] == "10"
         for key in ("train/loss", "train/lm", "train/bce", "train/dice", "train/lr", "train/samples_per_s",
@@ -104,6 +111,46 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     assert "train/distill" in children["sft"].data.metrics
     assert "train/distill" not in children["teacher"].data.metrics
     assert "reflect/corrected" in children["reflect"].data.metrics
+    ev = children["eval-grpo"]
+    for key in ("eval/Seen J", "eval/Seen F", "eval/Unseen J", "eval/Mix J", "eval/Null S"):
+        assert key in ev.data.metrics, key
+    paths = [a.path for a in c.list_artifacts(ev.info.run_id, "eval")]
+    assert "eval/table.txt" in paths and "eval/results.json" in paths
+    assert c.list_artifacts(ev.info.run_id, "eval/overlays")
+
+
+def test_evaluation_results_and_table(chain):
+    cfg, out, _ = chain
+    layout = stages.RunLayout(cfg)
+    lines = out["table"].splitlines()
+    assert lines[0].split() == ["Model", "Seen", "J", "Seen", "F", "Unseen", "J", "Unseen", "F", "Mix", "J",
+                                "Mix", "F", "Null", "S"]
+    assert [line.split()[0] for line in lines[2:]] == ["teacher", "sft", "reflect", "grpo"]
+    for stage in stages.STAGES:
+        res = json.loads((layout.dir / "eval" / stage / "results.json").read_text())
+        assert set(res["splits"]) == {"test_s", "test_u", "test_n"}
+        for split, m in res["splits"].items():
+            assert 0.0 <= m["J"] <= 1.0 and 0.0 <= m["F"] <= 1.0 and 0.0 <= m["S"] <= 1.0 and m["rows"] > 0
+        t = res["table"]
+        assert t["Mix J"] == pytest.approx((t["Seen J"] + t["Unseen J"]) / 2)
+        assert t["Null S"] == pytest.approx(res["splits"]["test_n"]["S"])
+        answers = (layout.dir / "eval" / stage / "answers.jsonl").read_text().splitlines()
+        assert len(answers) == sum(m["rows"] for m in res["splits"].values())
+    assert (layout.dir / "results_table.txt").read_text().strip() == out["table"].strip()
+
+
+def test_rerun_skips_complete_stages(chain):
+    cfg, out, _ = chain
+    t0 = time.time()
+    again = load_pipeline("all").run_all(cfg)
+    assert again["table"] == out["table"] and time.time() - t0 < 60
+
+
+def test_evaluate_command_errors_clearly(tmp_path):
+    from conftest import run_script
+
+    r = run_script("pipelines/evaluate.py", "--model", str(tmp_path / "nope"), f"run.root={tmp_path}")
+    assert r.returncode == 1 and "not an exported model" in r.stderr
 
 
 def test_uninterrupted_run_sees_every_row_once_per_epoch(chain):
@@ -115,7 +162,7 @@ def test_uninterrupted_run_sees_every_row_once_per_epoch(chain):
 
 
 def test_sft_beats_the_untrained_model_on_val(chain):
-    cfg, results, _ = chain
+    cfg, out, _ = chain
     small_shards = stages.RunLayout(cfg).shards
     torch.manual_seed(0)
     model, proc = build_model(cfg.model, cfg.data)
@@ -128,7 +175,7 @@ def test_sft_beats_the_untrained_model_on_val(chain):
             out = model(proc.train_batch(b, b["cot"]))
             acc.update(out.mask_logits.flatten(0, 1), b["masks"].flatten(0, 1))
     untrained = acc.compute()["J"]
-    sft_j = results["sft"]["val/J"]
+    sft_j = json.loads((stages.RunLayout(cfg).export("sft") / "aurora.json").read_text())["metrics"]["val/J"]
     print(f"val J untrained {untrained:.3f} -> SFT {sft_j:.3f}")
     assert sft_j > untrained + 0.05
 
@@ -154,7 +201,7 @@ def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path
     """A training worker is killed (Ray restarts the group from the last checkpoint), then the whole
     driver is killed; rerunning the same command with the same run name finishes the stage, and
     every epoch's rows are trained exactly once, as in an uninterrupted run."""
-    epochs = 5
+    epochs = 3
     args = [sys.executable, "pipelines/teacher.py", *SMALL_DATA, *TRAIN, f"run.root={tmp_path}",
             f"data.shards={small_shards}", f"teacher.epochs={epochs}", f"teacher.val_every_epochs={epochs}",
             "train.checkpoint_every_steps=2", "train.max_failures=3", "ray.num_cpus=4", "ray.object_store_mb=256"]

@@ -257,6 +257,22 @@ def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch
                        audio_seconds=data.audio_seconds))
 
 
+def rows_by_uid(shards: Path, uids: list[str], splits: list[str], data: DataConfig) -> dict[str, np.ndarray]:
+    """Decoded rows by uid, in the given order, read directly (no Ray): a handful of rows, e.g. to
+    restore queued rollouts or to draw mask overlays."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(split_files(shards, splits), format="parquet").to_table(filter=pads.field("uid").isin(uids))
+    raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    dec = decode_batch(raw, data.frame_size, data.num_frames, data.sample_rate, data.audio_seconds)
+    order = {u: i for i, u in enumerate(dec["uid"])}
+    missing = [u for u in uids if u not in order]
+    if missing:
+        raise KeyError(f"rows {missing[:3]} are not in the {splits} splits of {shards}")
+    idx = [order[u] for u in uids]
+    return {k: v[idx] for k, v in dec.items()}
+
+
 def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """For ``iter_torch_batches(collate_fn=collate)``: arrays -> tensors, string columns -> lists."""
     import torch

@@ -89,22 +89,6 @@ def select(clips: dict[str, np.ndarray], idx: list[int]) -> dict[str, np.ndarray
     return {k: v[idx] for k, v in clips.items()}
 
 
-def clips_by_uid(cfg: AuroraConfig, shards_dir: Path, uids: list[str]) -> dict[str, np.ndarray]:
-    """Decoded train rows by uid, in the given order (to restore queued rollouts after a restart)."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(shards.split_files(shards_dir, ["train"]), format="parquet").to_table(
-        filter=pads.field("uid").isin(uids))
-    raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    d = cfg.data
-    dec = shards.decode_batch(raw, d.frame_size, d.num_frames, d.sample_rate, d.audio_seconds)
-    order = {u: i for i, u in enumerate(dec["uid"])}
-    missing = [u for u in uids if u not in order]
-    if missing:
-        raise KeyError(f"queued rollouts name train rows that are not in {shards_dir}: {missing[:3]}")
-    return select({k: dec[k] for k in CLIP_KEYS}, [order[u] for u in uids])
-
-
 # --------------------------------------------------------------------------- one batch of rollouts
 
 @dataclass
@@ -250,7 +234,8 @@ def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) ->
         for k in ("completion_ids", "completion_mask", "logprobs", "j"):
             grp[k] = arrays[f"{i}/{k}"]
         groups.append(grp)
-    clips = clips_by_uid(cfg, shards_dir, q["uids"])
+    rows = shards.rows_by_uid(shards_dir, q["uids"], ["train"], cfg.data)
+    clips = {k: rows[k] for k in CLIP_KEYS}
     return state, Batch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
 
 
