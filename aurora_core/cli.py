@@ -18,7 +18,7 @@ def setup_logging() -> None:
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
     """The command line every pipeline script shares: --config FILE and key=value overrides."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -32,3 +32,22 @@ def config_from_args(args: argparse.Namespace) -> AuroraConfig:
     except ConfigError as e:
         print(f"error: invalid configuration: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def stage_main(doc: str, stage: str) -> int:
+    """The whole main() of a supervised stage script (teacher.py, sft.py, reflect.py)."""
+    from aurora_core import stages
+
+    args = arg_parser(doc).parse_args()
+    setup_logging()
+    cfg = config_from_args(args)
+    tracker = stages.tracker_for(cfg)
+    parent = tracker.parent(stage, stages.params_of(cfg))
+    try:
+        getattr(stages, stage)(cfg, tracker, parent)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        tracker.finish(parent, "FAILED")
+        return 1
+    tracker.finish(parent)
+    return 0

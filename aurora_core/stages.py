@@ -56,6 +56,16 @@ def params_of(cfg: AuroraConfig) -> dict[str, Any]:
     return flatten(to_dict(cfg))
 
 
+def open_stage_run(tracker: Tracker, parent: str | None, stage: str, cfg: AuroraConfig) -> str | None:
+    """The stage's MLflow child run, with the resolved config as params and as config.yaml."""
+    from aurora_core.config import to_yaml
+    from aurora_core.tracking import RunLogger
+
+    child = tracker.stage(parent, stage, params_of(cfg))
+    RunLogger(tracker.uri if tracker.enabled else None, child).text(to_yaml(cfg), "config.yaml")
+    return child
+
+
 def require_shards(layout: RunLayout) -> dict[str, Any]:
     return shards.load_manifest(layout.shards)
 
@@ -79,7 +89,7 @@ def _supervised(cfg: AuroraConfig, stage: str, target: str, tracker: Tracker, pa
         print(f"[{stage}] export exists at {out}: skipped")
         return {"skipped": True, "export": str(out)}
     require_shards(layout)
-    child = tracker.stage(parent, stage, params_of(cfg))
+    child = open_stage_run(tracker, parent, stage, cfg)
     spec = StageSpec(stage=stage, target=target, train_shards=str(train_shards or layout.shards),
                      val_shards=str(layout.shards), export_dir=str(out), stage_dir=str(layout.stage_dir(stage)),
                      init=str(init) if init else None, distill=str(distill) if distill else None,
@@ -206,7 +216,7 @@ def reflect(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str
     print(f"[reflect] stage-1 answers on {counts['rows']} train rows: {counts['corrected']} corrected "
           f"(class wrong {counts['class_wrong']}, IoU < {cfg.reflection.iou_threshold} {counts['iou_low']}), "
           f"{counts['kept']} kept; class accuracy {counts['class_accuracy']:.3f}, mean IoU {counts['mean_iou']:.3f}")
-    child = tracker.stage(parent, "reflect", params_of(cfg))
+    child = open_stage_run(tracker, parent, "reflect", cfg)
     RunLogger(tracker.uri if tracker.enabled else None, child).metrics(
         {f"reflect/{k}": float(v) for k, v in counts.items()}, 0)
     result = _supervised(cfg, "reflect", "cot", tracker, parent, init=sft_dir,
@@ -233,7 +243,7 @@ def grpo(cfg: AuroraConfig, tracker: Tracker, parent: str | None, init: Path | N
             f"run.root={cfg.run.root} run.name={cfg.run.name}) or name one with --init PATH")
     require_shards(layout)
     init_ray(cfg)
-    child = tracker.stage(parent, "grpo", params_of(cfg))
+    child = open_stage_run(tracker, parent, "grpo", cfg)
     logger = RunLogger(tracker.uri if tracker.enabled else None, child)
     logger.tag("aurora.init", str(init))
     t0 = time.time()
@@ -243,6 +253,7 @@ def grpo(cfg: AuroraConfig, tracker: Tracker, parent: str | None, init: Path | N
         tracker.finish(child, "FAILED")
         raise
     logger.tag("aurora.export", str(out))
+    logger.text(f"{out}\n", "export_path.txt")
     tracker.finish(child)
     took = time.time() - t0
     print(f"[grpo] done in {took:.0f}s; export: {out}")
@@ -274,7 +285,7 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
             return cached
     require_shards(layout)
     init_ray(cfg)
-    child = tracker.stage(parent, f"eval-{name}", params_of(cfg))
+    child = open_stage_run(tracker, parent, f"eval-{name}", cfg)
     logger = RunLogger(tracker.uri if tracker.enabled else None, child)
     logger.tag("aurora.model", str(model))
     try:

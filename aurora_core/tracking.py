@@ -66,25 +66,18 @@ class Tracker:
             self.exp_id = ensure_experiment(self.uri, self.experiment, self.run_dir)
 
     def parent(self, pipeline: str, params: Mapping[str, Any] | None = None) -> str | None:
-        if not self.enabled:
-            return None
-        client = _client(self.uri)
-        tags = {PARENT_TAG: pipeline, RUN_TAG: self.run_name}
-        found = _find(client, self.exp_id, tags)
-        if found is not None and found.info.status != "FINISHED":
-            client.update_run(found.info.run_id, status="RUNNING")
-            return found.info.run_id
-        run = client.create_run(self.exp_id, tags=tags, run_name=f"{self.run_name}:{pipeline}")
-        if params:
-            _log_params(client, run.info.run_id, params)
-        return run.info.run_id
+        """The pipeline's run: the unfinished one of a resumed pipeline, else a new one."""
+        return self._open({PARENT_TAG: pipeline, RUN_TAG: self.run_name}, None, f"{self.run_name}:{pipeline}", params)
 
     def stage(self, parent_id: str | None, stage: str, params: Mapping[str, Any] | None = None) -> str | None:
         """The stage's child run: the unfinished one if the stage is being resumed, else a new one."""
+        return self._open({STAGE_TAG: stage, RUN_TAG: self.run_name}, parent_id, f"{self.run_name}:{stage}", params)
+
+    def _open(self, tags: dict[str, str], parent_id: str | None, name: str,
+              params: Mapping[str, Any] | None) -> str | None:
         if not self.enabled:
             return None
         client = _client(self.uri)
-        tags = {STAGE_TAG: stage, RUN_TAG: self.run_name}
         found = _find(client, self.exp_id, tags)
         if found is not None and found.info.status != "FINISHED":
             client.update_run(found.info.run_id, status="RUNNING")
@@ -92,7 +85,7 @@ class Tracker:
         run_tags = dict(tags)
         if parent_id:
             run_tags["mlflow.parentRunId"] = parent_id
-        run = client.create_run(self.exp_id, tags=run_tags, run_name=f"{self.run_name}:{stage}")
+        run = client.create_run(self.exp_id, tags=run_tags, run_name=name)
         if params:
             _log_params(client, run.info.run_id, params)
         return run.info.run_id

@@ -9,24 +9,7 @@ Rerunning with the same run.name resumes from the last checkpoint; a finished st
 
 import sys
 
-from aurora_core import cli, stages
-
-
-def main() -> int:
-    args = cli.arg_parser(__doc__).parse_args()
-    cli.setup_logging()
-    cfg = cli.config_from_args(args)
-    tracker = stages.tracker_for(cfg)
-    parent = tracker.parent("reflect", stages.params_of(cfg))
-    try:
-        stages.reflect(cfg, tracker, parent)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        tracker.finish(parent, "FAILED")
-        return 1
-    tracker.finish(parent)
-    return 0
-
+from aurora_core import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.stage_main(__doc__, "reflect"))

@@ -14,8 +14,9 @@ validator. Kubernetes' structural schemas are not plain JSON Schema, so they are
   file does not know fails validation instead of passing unseen;
 - ``format: int32`` / ``int64``: range checks.
 
-The CRDs are read from ``$AURORA_KUBERAY_CRDS`` if set, else from ``<repo>/../shared/kuberay-crds``;
-if neither exists the tests fail (they do not skip).
+The CRDs are read from ``$AURORA_KUBERAY_CRDS`` if set, else from ``<repo>/../shared/kuberay-crds``,
+else from the copy in ``cluster/kuberay/crds``;
+if none exists the tests fail (they do not skip).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MANIFEST_DIR = REPO_ROOT / "cluster" / "kuberay"
 PVC_FILE = REPO_ROOT / "cluster" / "pvc.yaml"
 CRD_ENV = "AURORA_KUBERAY_CRDS"
 DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay-crds"
+VENDORED_CRD_DIR = REPO_ROOT / "cluster" / "kuberay" / "crds"  # the same files, kept in the repository
 
 STAGES = ("prepare-data", "teacher", "sft", "reflect", "grpo", "evaluate")
 SHARED_MOUNT = "/mnt/shared"
@@ -115,13 +117,22 @@ def _crd_dir() -> Path:
         if not d.is_dir():
             pytest.fail(f"{CRD_ENV}={env} is not a directory holding the KubeRay CRDs")
         return d
+    for d in (DEFAULT_CRD_DIR, VENDORED_CRD_DIR):
+        if (d / "ray.io_rayjobs.yaml").is_file() and (d / "ray.io_rayclusters.yaml").is_file():
+            return d
+    pytest.fail(
+        f"KubeRay CRDs not found at {DEFAULT_CRD_DIR} nor {VENDORED_CRD_DIR}: set {CRD_ENV} to a directory "
+        "holding ray.io_rayjobs.yaml and ray.io_rayclusters.yaml (from ray-project/kuberay, "
+        "ray-operator/config/crd/bases)"
+    )
+
+
+def test_vendored_crds_equal_the_shared_ones():
+    """cluster/kuberay/crds is a copy for clones without ../shared; it must not drift from it."""
     if not DEFAULT_CRD_DIR.is_dir():
-        pytest.fail(
-            f"KubeRay CRDs not found at {DEFAULT_CRD_DIR}: set {CRD_ENV} to a directory holding "
-            "ray.io_rayjobs.yaml and ray.io_rayclusters.yaml (from ray-project/kuberay, "
-            "ray-operator/config/crd/bases)"
-        )
-    return DEFAULT_CRD_DIR
+        pytest.skip(f"no {DEFAULT_CRD_DIR} beside this clone to compare with")
+    for name in ("ray.io_rayjobs.yaml", "ray.io_rayclusters.yaml"):
+        assert (VENDORED_CRD_DIR / name).read_bytes() == (DEFAULT_CRD_DIR / name).read_bytes(), name
 
 
 def _to_jsonschema(s: dict) -> dict:

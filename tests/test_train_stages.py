@@ -25,7 +25,7 @@ from conftest import ROOT, SMALL_DATA, decoded_rows
 pytestmark = pytest.mark.slow
 
 TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clips=1",
-         "teacher.epochs=2", "teacher.val_every_epochs=2", "sft.epochs=3", "sft.lr=5e-3",
+         "teacher.epochs=1", "sft.epochs=3", "sft.lr=5e-3",
          "sft.val_every_epochs=3", "reflect.epochs=1",
          "reflection.max_new_tokens=40", "reflection.inference_batch_size=16"]
 CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~150 train rows: 18 steps per epoch
@@ -107,6 +107,8 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
         assert len(history) >= 10 and len({h.step for h in history}) == len(history)
         arts = [a.path for a in c.list_artifacts(run.info.run_id, "overlays")]
         assert arts, stage
+        top = [a.path for a in c.list_artifacts(run.info.run_id)]
+        assert "config.yaml" in top and "export_path.txt" in top, top
         assert run.data.tags.get("aurora.export", "").endswith(f"exports/{stage}")
     assert "train/distill" in children["sft"].data.metrics
     assert "train/distill" not in children["teacher"].data.metrics
@@ -201,7 +203,7 @@ def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path
     """A training worker is killed (Ray restarts the group from the last checkpoint), then the whole
     driver is killed; rerunning the same command with the same run name finishes the stage, and
     every epoch's rows are trained exactly once, as in an uninterrupted run."""
-    epochs = 3
+    epochs = 2
     args = [sys.executable, "pipelines/teacher.py", *SMALL_DATA, *TRAIN, f"run.root={tmp_path}",
             f"data.shards={small_shards}", f"teacher.epochs={epochs}", f"teacher.val_every_epochs={epochs}",
             "train.checkpoint_every_steps=2", "train.max_failures=3", "ray.num_cpus=4", "ray.object_store_mb=256"]

@@ -290,6 +290,7 @@ def train_worker(config: dict[str, Any]) -> None:
         export_with_weights(spec.init, cfg.model, cfg.data, params, Path(spec.export_dir),
                             extra={"stage": spec.stage, "global_step": state.global_step, "metrics": metrics})
         logger.tag("aurora.export", spec.export_dir)
+        logger.text(spec.export_dir + "\n", "export_path.txt")
     dist.barrier()
     if sample_log is not None:
         sample_log.close()
