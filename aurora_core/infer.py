@@ -96,7 +96,8 @@ def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[
     from aurora_core.runtime import init_ray
 
     init_ray(cfg)
-    ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size)
+    ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size,
+                             rows_per_block=batch_size if actors > 1 else None)
     return ds.map_batches(
         ExportPredictor, batch_size=batch_size, concurrency=actors, num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,

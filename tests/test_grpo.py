@@ -96,17 +96,41 @@ def test_dynamic_sampling_drops_and_refills(ray_session, small_shards, init_expo
     assert len(set(stream.state.consumed)) == 4  # the data position counts every drawn prompt
 
 
+def _kill_a_learner_after(ckpt: Path, killed: list, timeout: float = 600) -> None:
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (ckpt / "driver.json").is_file():
+        time.sleep(0.05)
+    for p in psutil.process_iter(["cmdline"]):
+        if any("ray::LearnerWorker" in part for part in (p.info["cmdline"] or [])):
+            p.kill()
+            killed.append(p.pid)
+            return
+
+
 def test_grpo_run_two_learners_async_kl_checkpoint_resume(ray_session, small_shards, init_export, tmp_path):
+    """2 learner workers, async rollouts, KL: a learner worker killed in step 2 is rebuilt from the
+    step-1 checkpoint (with its queued rollouts); a later rerun continues from step 2 to 3."""
+    import threading
+
     from mlflow.tracking import MlflowClient
 
     extra = ["grpo.learner_workers=2", "grpo.prompts_per_step=4", "grpo.micro_batch=3", "grpo.async_rollouts=true",
-             "grpo.kl_coef=0.05", "grpo.checkpoint_every=1", f"grpo.init={init_export}"]
+             "grpo.kl_coef=0.05", "grpo.checkpoint_every=1", f"grpo.init={init_export}",
+             "grpo.max_learner_restarts=1"]
     cfg = cfg_for(tmp_path, small_shards, "grpo.steps=2", *extra)
     tracker = stages.tracker_for(cfg)
-    first = stages.grpo(cfg, tracker, tracker.parent("grpo", {}))
     layout = stages.RunLayout(cfg)
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_learner_after,
+                              args=(layout.stage_dir("grpo") / "checkpoints" / "step_000001", killed), daemon=True)
+    killer.start()
+    first = stages.grpo(cfg, tracker, tracker.parent("grpo", {}))
+    killer.join(timeout=5)
+    assert killed and first["learner_restarts"] == 1
     assert is_export(layout.export("grpo"))
-    assert [h["policy_version"] for h in first["history"]] == [1.0, 2.0]
+    assert [h["policy_version"] for h in first["history"]] == [2.0]  # the restarted loop ran step 2
     ckpt = layout.stage_dir("grpo") / "checkpoints" / "step_000002"
     meta = json.loads((ckpt / "driver.json").read_text())
     assert meta["queued"] is None  # no rollouts are generated past the last step

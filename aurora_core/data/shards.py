@@ -243,12 +243,16 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
 
 
 def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch_size: int = 16,
-                 shuffle_seed: int | None = None):
-    """A Ray Dataset of decoded, fixed-shape clips of the given splits (lazy, streaming)."""
+                 shuffle_seed: int | None = None, rows_per_block: int | None = None):
+    """A Ray Dataset of decoded, fixed-shape clips of the given splits (lazy, streaming).
+    ``rows_per_block`` re-cuts the blocks (one per shard file otherwise) so that a pool of N actors
+    downstream gets at least N blocks to work on."""
     import ray.data
 
     splits = list(splits)
     ds = ray.data.read_parquet(split_files(shards, splits), schema=SCHEMA)
+    if rows_per_block:
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed)
     return ds.map_batches(

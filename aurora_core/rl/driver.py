@@ -207,7 +207,8 @@ def save_checkpoint(cfg: AuroraConfig, learner, state: DriverState, queued: Batc
             meta["queued"] = {"uids": [str(u) for u in queued.clips["uid"]], "drawn": queued.drawn,
                               "zero_var": queued.zero_var, "gen_time": queued.gen_time,
                               "gen_tokens": queued.gen_tokens,
-                              "groups": [{k: grp[k] for k in ("uid", "version", "pred_class", "texts", "gen_tokens")}
+                              "groups": [{k: grp[k] for k in ("uid", "version", "pred_class", "texts", "gen_tokens",
+                                                                 "gen_time", "reward_time")}
                                          for grp in queued.groups]}
         (tmp / "driver.json").write_text(json.dumps(meta, default=str))
     for old in sorted(p for p in checkpoints_dir(cfg).glob("step_*") if p.is_dir())[: -cfg.grpo.num_to_keep]:
@@ -241,7 +242,30 @@ def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) ->
 
 # --------------------------------------------------------------------------- the loop
 
-def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> dict[str, float]:
+class LearnerFailed(RuntimeError):
+    pass
+
+
+def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> dict[str, Any]:
+    """The loop, restarted from the newest checkpoint when a learner worker dies (at most
+    ``grpo.max_learner_restarts`` times); rollout actor deaths are handled inside the pool."""
+    restarts = 0
+    while True:
+        try:
+            result = _run_from_latest(cfg, init, out, shards_dir, logger)
+            result["learner_restarts"] = restarts
+            return result
+        except LearnerFailed as e:
+            if restarts >= cfg.grpo.max_learner_restarts:
+                raise RuntimeError(f"the GRPO learner failed {restarts + 1} times; last: {e.__cause__!r}") from e
+            restarts += 1
+            log.warning("a learner worker died (%s); restarting from the newest checkpoint (%d/%d)",
+                        e.__cause__, restarts, cfg.grpo.max_learner_restarts)
+            print(f"[grpo] learner failed; restarting from the newest checkpoint ({restarts}/"
+                  f"{cfg.grpo.max_learner_restarts})", flush=True)
+
+
+def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> dict[str, Any]:
     import ray
 
     from aurora_core.rl.learner import LearnerGroup
@@ -260,9 +284,7 @@ def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> d
         log.info("resumed GRPO from %s (step %d)", ckpt, state.step)
     pool = RolloutPool(cfg, str(init))
     if state.step > 0:
-        refs = learner.gather_weights()
-        pool.push(refs[0], state.step)
-        ray.get(refs)
+        _sync_weights(learner, pool, state.step)
     stream = PromptStream(cfg, shards_dir, state)
     print(f"[grpo] learner x{g.learner_workers}, rollout actors x{g.rollout_actors}, ready in {time.time() - t0:.0f}s; "
           f"steps {state.step + 1}..{g.steps}, {g.prompts_per_step} prompts x {g.num_samples} samples"
@@ -286,7 +308,7 @@ def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> d
             if g.async_rollouts and state.step + 1 < g.steps:
                 worker = threading.Thread(target=lambda: nxt.setdefault("batch", collect(cfg, pool, stream)))
                 worker.start()
-            learn = ray.get(step_refs)[0]
+            learn = _learner_get(step_refs)[0]
             t_learn = time.time() - t_learn
             overlap = 0.0
             if worker is not None:
@@ -295,9 +317,7 @@ def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> d
                 overlap = time.time() - t_join
                 queued = nxt["batch"]
             t_sync = time.time()
-            refs = learner.gather_weights()
-            pool.push(refs[0], state.step + 1)
-            ray.get(refs)
+            _sync_weights(learner, pool, state.step + 1)
             t_sync = time.time() - t_sync
             state.step += 1
             wall = time.time() - t_step
@@ -318,10 +338,36 @@ def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> d
                   f"gen {batch.gen_time:.1f}s learn {learn['learner_time_s']:.1f}s sync {t_sync:.2f}s "
                   f"{metrics['gen_tokens_per_s']:.0f} tok/s", flush=True)
             if state.step % g.checkpoint_every == 0 or state.step == g.steps:
-                save_checkpoint(cfg, learner, state, queued)
-        learner.call("export", str(out), {"stage": "grpo", "global_step": state.step, "metrics": metrics})
+                _learner_call(save_checkpoint, cfg, learner, state, queued)
+        _learner_call(learner.call, "export", str(out), {"stage": "grpo", "global_step": state.step,
+                                                         "metrics": metrics})
     finally:
         stream.close()
         pool.shutdown()
         learner.shutdown()
     return {**metrics, "history": history}
+
+
+def _sync_weights(learner, pool, version: int) -> None:
+    """Gather the trainable weights once (a collective over the learner ranks), leave them in the
+    object store (rank 0's return value: not copied into the driver) and point every rollout actor at them."""
+    import ray
+
+    refs = learner.gather_weights()
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    _learner_get(refs[1:])  # ranks > 0 return None; raises if one died
+    _learner_call(pool.push, refs[0], version)
+
+
+def _learner_get(refs: list) -> list:
+    return _learner_call(__import__("ray").get, refs)
+
+
+def _learner_call(fn, *args):
+    """Run a learner interaction; a dead learner actor becomes LearnerFailed (the loop restarts)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    try:
+        return fn(*args)
+    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+        raise LearnerFailed("learner worker died") from e
