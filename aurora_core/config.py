@@ -247,6 +247,7 @@ class GRPOConfig:
     reward_iou: float = 1.0
     iou_threshold: float = 0.5  # sigmoid threshold of the IoU reward
     # sampling options
+    shuffle_buffer: int = 64  # rows mixed (seeded) when drawing prompts; 0: shard order within blocks
     dynamic_sampling: bool = False  # drop groups whose rewards do not vary and draw more prompts
     max_refill_rounds: int = 4
     async_rollouts: bool = False  # one-step off-policy: rollouts for step t+1 overlap learning step t
@@ -262,6 +263,11 @@ class GRPOConfig:
     checkpoint_every: int = 5
     num_to_keep: int = 2
     max_learner_restarts: int = 1  # a failed learner group is rebuilt from the last checkpoint
+    # weight sync after each step: "broadcast" = a collective from learner rank 0 to every rollout
+    # actor (NCCL when the learner and the actors have GPUs, gloo otherwise); "object_store" = one
+    # ray.put read by every actor; "auto" = broadcast on GPUs, object_store on CPUs
+    weight_sync: str = "auto"
+    sync_timeout_s: int = 300  # a broadcast member that does not answer in time fails the step loudly
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1 and self.prompts_per_step >= 1, "grpo.steps and prompts_per_step must be >= 1")
@@ -276,6 +282,10 @@ class GRPOConfig:
         _check(self.rollout_actors >= 1 and self.rollout_chunk >= 1, "grpo.rollout_actors/rollout_chunk must be >= 1")
         _check(0 < self.clip_eps < 1, "grpo.clip_eps must be in (0, 1)")
         _check(self.num_iterations >= 1, "grpo.num_iterations must be >= 1")
+        _check(self.weight_sync in ("auto", "broadcast", "object_store"),
+               f"grpo.weight_sync must be auto, broadcast or object_store, got {self.weight_sync!r}")
+        _check(self.sync_timeout_s >= 1, "grpo.sync_timeout_s must be >= 1")
+        _check(self.shuffle_buffer >= 0, "grpo.shuffle_buffer must be >= 0")
 
 
 @dataclass

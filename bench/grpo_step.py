@@ -22,6 +22,7 @@ from aurora_core import cli
 from aurora_core.config import load_config
 from aurora_core.model.build import build_model, is_export, save_export
 from aurora_core.rl import driver
+from aurora_core.rl.weight_sync import sync_mode
 from aurora_core.runtime import init_ray
 from aurora_core.stages import RunLayout
 from aurora_core.tracking import RunLogger
@@ -62,7 +63,8 @@ def main() -> int:
     tokens = sum(x["gen_tokens_per_s"] * x["time/generate_s"] for x in h)
     print(f"\nGRPO bench: {len(h)} steps, {g.prompts_per_step} prompts x {g.num_samples} samples, "
           f"{g.rollout_actors} rollout actors, {g.learner_workers} learner workers "
-          f"({'async' if g.async_rollouts else 'sync'}); {total:.0f}s including {total - wall:.0f}s of set-up")
+          f"({'async' if g.async_rollouts else 'sync'}, weights by {sync_mode(g)}); "
+          f"{total:.0f}s including {total - wall:.0f}s of set-up")
     print(f"  samples/s            {samples / wall:8.2f}")
     print(f"  generated tokens/s   {tokens / wall:8.1f}   (while generating: {tokens / max(gen, 1e-9):.1f})")
     print(f"  step wall time       {wall / len(h):8.2f} s")

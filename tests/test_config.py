@@ -58,3 +58,16 @@ def test_flatten_round_trip_types():
     flat = flatten(to_dict(load_config()))
     assert flat["data.source"] == "synthetic"
     assert flat["data.synthetic.seed"] == 0
+
+
+def test_weight_sync_mode_and_its_check():
+    from aurora_core.rl.weight_sync import backend, sync_mode
+
+    with pytest.raises(ConfigError, match="weight_sync"):
+        load_config(DEFAULT_CONFIG, ["grpo.weight_sync=nccl"])
+    tiny = load_config(DEFAULT_CONFIG)
+    assert (sync_mode(tiny.grpo), backend(tiny.grpo)) == ("object_store", "gloo")
+    forced = load_config(DEFAULT_CONFIG, ["grpo.weight_sync=broadcast"])
+    assert (sync_mode(forced.grpo), backend(forced.grpo)) == ("broadcast", "gloo")
+    real = load_config(DEFAULT_CONFIG.parent / "qwen2.5-omni-7b.yaml")
+    assert (sync_mode(real.grpo), backend(real.grpo)) == ("broadcast", "nccl")

@@ -77,6 +77,25 @@ def test_pool_versions_and_a_dying_actor(ray_session, small_shards, init_export,
         pool.shutdown()
 
 
+def test_prompt_order_is_seeded_and_mixed(ray_session, small_shards, tmp_path):
+    """Same seed, same prompts in the same order (reproducible runs); not the shards' row order."""
+    from aurora_core.rl.driver import DriverState, PromptStream
+    from aurora_core.train.data import split_uids
+
+    def first(cfg, n=12):
+        stream = PromptStream(cfg, small_shards, DriverState())
+        try:
+            return [str(u) for u in stream.take(n)["uid"]]
+        finally:
+            stream.close()
+
+    cfg = cfg_for(tmp_path, small_shards)
+    a = first(cfg)
+    assert first(cfg) == a
+    assert a != split_uids(small_shards, "train")[:12] and len({u.split("_")[0] for u in a}) > 4
+    assert first(cfg_for(tmp_path, small_shards, "run.seed=1")) != a
+
+
 def test_dynamic_sampling_drops_and_refills(ray_session, small_shards, init_export, tmp_path):
     from aurora_core.rl.driver import DriverState, PromptStream, collect
     from aurora_core.rl.rollout import RolloutPool
@@ -96,6 +115,55 @@ def test_dynamic_sampling_drops_and_refills(ray_session, small_shards, init_expo
     assert len(set(stream.state.consumed)) == 4  # the data position counts every drawn prompt
 
 
+def test_broadcast_sync_trains_like_the_object_store(ray_session, small_shards, init_export, tmp_path):
+    """Weights broadcast from learner rank 0 over the sync group (gloo here, NCCL on GPUs) reach the
+    rollout actors exactly: two otherwise identical seeded runs log the same step-2 metrics, and those
+    depend on the step-1 update having arrived."""
+    extra = ["grpo.steps=2", "grpo.prompts_per_step=2", "grpo.checkpoint_every=10", "grpo.lr=5e-3",
+             f"grpo.init={init_export}"]
+    hist = {}
+    for mode in ("object_store", "broadcast"):
+        cfg = cfg_for(tmp_path / mode, small_shards, f"grpo.weight_sync={mode}", *extra)
+        tracker = stages.tracker_for(cfg)
+        hist[mode] = stages.grpo(cfg, tracker, tracker.parent("grpo", {}))["history"]
+    a, b = hist["object_store"], hist["broadcast"]
+    assert [h["policy_version"] for h in b] == [1.0, 2.0]
+    for key in ("reward/total_mean", "J", "entropy", "loss/policy", "loss/mask", "completion_len"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-7), key
+    # not vacuous: the step-1 update changed what step 2 samples from
+    assert any(abs(a[1][k] - a[0][k]) > 1e-6 for k in ("entropy", "loss/mask"))
+
+
+def test_broadcast_group_survives_a_replaced_rollout_actor(ray_session, small_shards, init_export, clips, tmp_path):
+    """A replacement actor takes the current weights from learner rank 0; the next sync rebuilds the
+    group with it as a member."""
+    import ray
+
+    from aurora_core.rl.driver import _sync_weights
+    from aurora_core.rl.learner import LearnerGroup
+    from aurora_core.rl.rollout import RolloutPool
+
+    cfg = cfg_for(tmp_path, small_shards, "grpo.weight_sync=broadcast", f"grpo.init={init_export}")
+    learner = LearnerGroup(cfg, str(init_export))
+    pool = RolloutPool(cfg, str(init_export))
+    pool.weights_source = lambda version: learner.workers[0].weights_of.remote(version)
+    try:
+        _sync_weights(cfg, learner, pool, 1)
+        assert not pool.group_stale and ray.get([a.ready.remote() for a in pool.actors]) == [1, 1]
+        victim = pool.actors[1]
+        got = pool.generate(ray.put(clips), list(range(4)),
+                            on_result=lambda done, total: done == 1 and ray.kill(victim))
+        assert sorted(got) == list(range(4)) and {g["version"] for g in got.values()} == {1}
+        assert pool.replaced == 1 and pool.group_stale
+        _sync_weights(cfg, learner, pool, 2)  # rebuilt group: checksums of every member agree
+        assert ray.get([a.ready.remote() for a in pool.actors]) == [2, 2]
+        with pytest.raises(ray.exceptions.RayTaskError, match="holds version 2"):
+            ray.get(learner.workers[0].weights_of.remote(1))
+    finally:
+        pool.shutdown()
+        learner.shutdown()
+
+
 def _kill_a_learner_after(ckpt: Path, killed: list, timeout: float = 600) -> None:
     import psutil
 
@@ -110,15 +178,16 @@ def _kill_a_learner_after(ckpt: Path, killed: list, timeout: float = 600) -> Non
 
 
 def test_grpo_run_two_learners_async_kl_checkpoint_resume(ray_session, small_shards, init_export, tmp_path):
-    """2 learner workers, async rollouts, KL: a learner worker killed in step 2 is rebuilt from the
-    step-1 checkpoint (with its queued rollouts); a later rerun continues from step 2 to 3."""
+    """2 learner workers, async rollouts, KL, broadcast weight sync: a learner worker killed in step 2
+    is rebuilt (with a new sync group) from the step-1 checkpoint and its queued rollouts; a later rerun
+    continues from step 2 to 3."""
     import threading
 
     from mlflow.tracking import MlflowClient
 
     extra = ["grpo.learner_workers=2", "grpo.prompts_per_step=4", "grpo.micro_batch=3", "grpo.async_rollouts=true",
              "grpo.kl_coef=0.05", "grpo.checkpoint_every=1", f"grpo.init={init_export}",
-             "grpo.max_learner_restarts=1"]
+             "grpo.max_learner_restarts=1", "grpo.weight_sync=broadcast"]
     cfg = cfg_for(tmp_path, small_shards, "grpo.steps=2", *extra)
     tracker = stages.tracker_for(cfg)
     layout = stages.RunLayout(cfg)

@@ -27,6 +27,7 @@ from aurora_core.config import AuroraConfig
 from aurora_core.data import shards
 from aurora_core.data.atomic import staged_dir
 from aurora_core.rl import grpo
+from aurora_core.rl.weight_sync import backend, sync_mode
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class DriverState:
 # --------------------------------------------------------------------------- prompts
 
 class PromptStream:
-    """Train rows in a seeded order per epoch, endlessly; what it hands out is the data position."""
+    """Train rows in a seeded order per epoch (block order, then a seeded local shuffle buffer),
+    endlessly; what it hands out is the data position."""
 
     def __init__(self, cfg: AuroraConfig, shards_dir: Path, state: DriverState):
         self.cfg, self.shards_dir, self.state = cfg, Path(shards_dir), state
@@ -60,8 +62,13 @@ class PromptStream:
             first = False
             ds = epoch_pipeline(self.files, self.cfg.data, self.state.epoch, self.cfg.run.seed, skip, None,
                                 batch_size=16, shuffle=True)
+            # the seeded block order is only the prompt order if streaming keeps it (same seed, same run)
+            ds.context.execution_options.preserve_order = True
             any_row = False
-            for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+            g = self.cfg.grpo
+            for batch in ds.iter_batches(batch_size=16, batch_format="numpy",
+                                         local_shuffle_buffer_size=g.shuffle_buffer or None,
+                                         local_shuffle_seed=self.cfg.run.seed * 1000 + self.state.epoch):
                 for i in range(len(batch["uid"])):
                     any_row = True
                     yield {k: batch[k][i] for k in CLIP_KEYS}
@@ -243,7 +250,7 @@ def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) ->
 # --------------------------------------------------------------------------- the loop
 
 class LearnerFailed(RuntimeError):
-    pass
+    """A learner worker (or a member of the weight-sync group) died: the loop restarts from a checkpoint."""
 
 
 def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> dict[str, Any]:
@@ -283,8 +290,10 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
         state, queued = load_checkpoint(cfg, ckpt, learner, shards_dir)
         log.info("resumed GRPO from %s (step %d)", ckpt, state.step)
     pool = RolloutPool(cfg, str(init))
+    if sync_mode(g) == "broadcast":
+        pool.weights_source = lambda version: learner.workers[0].weights_of.remote(version)
     if state.step > 0:
-        _sync_weights(learner, pool, state.step)
+        _sync_weights(cfg, learner, pool, state.step)
     stream = PromptStream(cfg, shards_dir, state)
     print(f"[grpo] learner x{g.learner_workers}, rollout actors x{g.rollout_actors}, ready in {time.time() - t0:.0f}s; "
           f"steps {state.step + 1}..{g.steps}, {g.prompts_per_step} prompts x {g.num_samples} samples"
@@ -317,7 +326,7 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
                 overlap = time.time() - t_join
                 queued = nxt["batch"]
             t_sync = time.time()
-            _sync_weights(learner, pool, state.step + 1)
+            _sync_weights(cfg, learner, pool, state.step + 1)
             t_sync = time.time() - t_sync
             state.step += 1
             wall = time.time() - t_step
@@ -348,15 +357,44 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
     return {**metrics, "history": history}
 
 
-def _sync_weights(learner, pool, version: int) -> None:
-    """Gather the trainable weights once (a collective over the learner ranks), leave them in the
-    object store (rank 0's return value: not copied into the driver) and point every rollout actor at them."""
+def _sync_weights(cfg: AuroraConfig, learner, pool, version: int) -> None:
+    """Gather the trainable weights once (a collective over the learner ranks), then either broadcast
+    them from learner rank 0 to every rollout actor, or leave them in the object store (rank 0's return
+    value: not copied into the driver) and point every rollout actor at them."""
     import ray
 
+    if sync_mode(cfg.grpo) == "broadcast":
+        if pool.group_stale:
+            _open_sync_group(cfg, learner, pool)
+        refs = learner.broadcast_weights(version)
+        received = _learner_call(pool.receive, version)  # a member lost mid-broadcast: restart too
+        sent = _learner_get(refs)[0]
+        bad = [i for i, d in enumerate(received) if abs(d - sent) > 1e-9 * max(1.0, abs(sent))]
+        if bad:
+            raise RuntimeError(f"weight broadcast of version {version} arrived corrupted at rollout actor(s) "
+                               f"{bad} (checksum {[received[i] for i in bad]} != {sent})")
+        return
     refs = learner.gather_weights()
     ray.wait(refs, num_returns=len(refs), fetch_local=False)
     _learner_get(refs[1:])  # ranks > 0 return None; raises if one died
     _learner_call(pool.push, refs[0], version)
+
+
+def _open_sync_group(cfg: AuroraConfig, learner, pool) -> None:
+    """(Re)build the broadcast group: learner rank 0 + the current rollout actors, on a fresh port."""
+    g = cfg.grpo
+    rank0 = learner.workers[0]
+    host, port = _learner_get([rank0.address.remote()])[0]
+    manifest = _learner_get([rank0.sync_manifest.remote()])[0]
+    t0 = time.time()
+    first = rank0.open_sync_group.remote(host, port, len(pool.actors) + 1, backend(g), g.sync_timeout_s)
+    members = pool.open_group(host, port, backend(g), g.sync_timeout_s, manifest)
+    gpus = _learner_get([first, *members])
+    if backend(g) == "nccl" and len(set(gpus)) < len(gpus):
+        raise ValueError("grpo.weight_sync=broadcast over NCCL needs learner rank 0 and every rollout actor "
+                         "on a GPU of its own (some share one); use whole grpo.gpus_per_actor or "
+                         "grpo.weight_sync=object_store")
+    log.info("weight-sync group (%s) of %d members open in %.1fs", backend(g), len(gpus), time.time() - t0)
 
 
 def _learner_get(refs: list) -> list:

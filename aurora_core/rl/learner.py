@@ -150,6 +150,43 @@ class LearnerWorker:
         w = ds.gather_trainable(self.engine)
         return w if self.rank == 0 else None
 
+    def sync_manifest(self):
+        """Names, full shapes and wire dtype of the trainable weights, in broadcast order."""
+        from aurora_core.rl.weight_sync import Manifest
+        from aurora_core.train import engine as ds
+
+        params = ds.trainable(self.engine)
+        self.manifest = Manifest([n for n, _ in params],
+                                 [list(getattr(p, "ds_shape", p.shape)) for _, p in params],
+                                 str(self.dtype).removeprefix("torch."))
+        return self.manifest
+
+    def open_sync_group(self, host: str, port: int, world: int, backend: str, timeout_s: int) -> str | None:
+        """Rank 0 only: host the weight-sync group as its rank 0 (returns after every member joined);
+        returns the GPU this rank broadcasts from (None on gloo)."""
+        from aurora_core.rl.weight_sync import BroadcastGroup
+
+        self.sync_group = BroadcastGroup(host, port, 0, world, backend, timeout_s)
+        return self.sync_group.gpu_uuid()
+
+    def broadcast_weights(self, version: int) -> float | None:
+        """Collective over the learner ranks (the ZeRO-3 gather), then rank 0 broadcasts to the sync
+        group and keeps the weights (a replaced rollout actor reads them). Returns rank 0's checksum."""
+        from aurora_core.train import engine as ds
+
+        w = ds.gather_trainable(self.engine)
+        if self.rank != 0:
+            return None
+        self.last_weights = (version, w)
+        return self.sync_group.send(w, self.manifest)
+
+    def weights_of(self, version: int) -> dict[str, torch.Tensor]:
+        """Rank 0: the weights of the last broadcast, which must be ``version``."""
+        held = getattr(self, "last_weights", (0, None))
+        if held[0] != version:
+            raise RuntimeError(f"asked for the weights of version {version}, rank 0 holds version {held[0]}")
+        return held[1]
+
     def save(self, path: str, step: int) -> None:
         from aurora_core.train import checkpoint as ckpt_io
 
@@ -220,6 +257,10 @@ class LearnerGroup:
     def gather_weights(self):
         """Refs of every rank's call; the first (rank 0) holds the weights, stored once in the object store."""
         return [w.gather_weights.remote() for w in self.workers]
+
+    def broadcast_weights(self, version: int):
+        """Refs of every rank's call; the first (rank 0) returns the checksum of what it sent."""
+        return [w.broadcast_weights.remote(version) for w in self.workers]
 
     def call(self, method: str, *args):
         import ray

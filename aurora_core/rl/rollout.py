@@ -2,9 +2,9 @@
 
 A :class:`RolloutWorker` samples G completions per prompt with ``generate_with_masks``, scores them
 (aurora_core.rl.rewards) and returns token ids, old log-probs, reward terms, IoU, the parsed class and
-the policy version. Weights arrive as one object-store reference per version; an actor runs its
-calls one at a time, so a generate call never mixes versions, and every call states the version
-it expects.
+the policy version. Weights arrive either as one object-store reference per version or by a
+broadcast from learner rank 0 (aurora_core.rl.weight_sync); an actor runs its calls one at a time, so
+a generate call never mixes versions, and every call states the version it expects.
 
 :class:`RolloutPool` (driver side) cuts a step's prompts into small chunks and hands the next chunk
 to whichever actor is free, so a slow actor does not idle the others. An actor that dies is
@@ -58,6 +58,21 @@ class RolloutWorker:
                 self.params[n].copy_(v.to(device=self.device, dtype=self.params[n].dtype))
         self.version = version
         return version
+
+    def open_sync_group(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: int,
+                        manifest) -> str | None:
+        """Join the weight-sync group hosted by learner rank 0 (aurora_core.rl.weight_sync)."""
+        from aurora_core.rl.weight_sync import BroadcastGroup
+
+        self.sync_group = BroadcastGroup(host, port, rank, world, backend, timeout_s)
+        self.manifest = manifest
+        return self.sync_group.gpu_uuid()
+
+    def receive_weights(self, version: int) -> float:
+        """Take part in learner rank 0's broadcast, load the weights; returns the received checksum."""
+        weights, digest = self.sync_group.receive(self.manifest)
+        self.set_weights(weights, version)
+        return digest
 
     def generate(self, clips: dict[str, Any], indices: list[int], version: int) -> list[dict[str, Any]]:
         """One group of G samples for each prompt ``clips[indices]``."""
@@ -117,6 +132,10 @@ class RolloutPool:
                                     max_restarts=0)(RolloutWorker)
         self.version = 0
         self.weights_ref = None  # latest weights in the object store (None: the export's own)
+        # broadcast sync: where a replacement actor reads the current weights (version -> ref), and
+        # whether the sync group must be rebuilt (at start, and after any replacement)
+        self.weights_source: Callable[[int], Any] | None = None
+        self.group_stale = True
         self.replaced = 0
         self._spawned = 0
         self.actors = [self._new_actor() for _ in range(g.rollout_actors)]
@@ -127,6 +146,10 @@ class RolloutPool:
         actor = self.actor_cls.remote(self.export_dir, self.cfg_dict, self.cfg.run.seed * 1000 + self._spawned)
         if self.weights_ref is not None:
             actor.set_weights.remote(self.weights_ref, self.version)
+        elif self.version > 0:
+            if self.weights_source is None:
+                raise RuntimeError("no source for the current weights of a replacement rollout actor")
+            actor.set_weights.remote(self.weights_source(self.version), self.version)
         return actor
 
     def push(self, weights_ref, version: int) -> None:
@@ -135,6 +158,21 @@ class RolloutPool:
 
         self.weights_ref, self.version = weights_ref, version
         ray.get([a.set_weights.remote(weights_ref, version) for a in self.actors])
+
+    def open_group(self, host: str, port: int, backend: str, timeout_s: int, manifest) -> list:
+        """Refs of every actor joining the sync group as ranks 1..M (rank 0, the learner, joins too)."""
+        world = len(self.actors) + 1
+        self.group_stale = False
+        return [a.open_sync_group.remote(host, port, r + 1, world, backend, timeout_s, manifest)
+                for r, a in enumerate(self.actors)]
+
+    def receive(self, version: int) -> list[float]:
+        """Every actor takes part in the broadcast of ``version`` (started by the learner); checksums."""
+        import ray
+
+        digests = ray.get([a.receive_weights.remote(version) for a in self.actors])
+        self.version = version
+        return digests
 
     def generate(self, clips_ref, indices: list[int],
                  on_result: Callable[[int, int], None] | None = None) -> dict[int, dict[str, Any]]:
@@ -161,6 +199,7 @@ class RolloutPool:
                 log.warning("rollout actor %d died (%s); replacing it and re-issuing prompts %s",
                             a, type(e).__name__, part)
                 self.replaced += 1
+                self.group_stale = True
                 self.actors[a] = self._new_actor()
                 queue.appendleft(part)
                 free.append(a)
