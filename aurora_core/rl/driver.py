@@ -398,7 +398,9 @@ def _open_sync_group(cfg: AuroraConfig, learner, pool) -> None:
 
 
 def _learner_get(refs: list) -> list:
-    return _learner_call(__import__("ray").get, refs)
+    import ray
+
+    return _learner_call(ray.get, refs)
 
 
 def _learner_call(fn, *args):

@@ -41,6 +41,7 @@ class LearnerWorker:
         self.cfg = config_from_dict(cfg)
         self.init_export = init_export
         self.rank, self.world = rank, world
+        self.last_weights: tuple[int, dict[str, torch.Tensor] | None] = (0, None)  # rank 0's last broadcast
 
     def address(self) -> tuple[str, int]:
         with socket.socket() as s:
@@ -182,10 +183,10 @@ class LearnerWorker:
 
     def weights_of(self, version: int) -> dict[str, torch.Tensor]:
         """Rank 0: the weights of the last broadcast, which must be ``version``."""
-        held = getattr(self, "last_weights", (0, None))
-        if held[0] != version:
-            raise RuntimeError(f"asked for the weights of version {version}, rank 0 holds version {held[0]}")
-        return held[1]
+        held, weights = self.last_weights
+        if held != version:
+            raise RuntimeError(f"asked for the weights of version {version}, rank 0 holds version {held}")
+        return weights
 
     def save(self, path: str, step: int) -> None:
         from aurora_core.train import checkpoint as ckpt_io

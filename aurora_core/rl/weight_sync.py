@@ -13,6 +13,7 @@ fails the step instead of training on garbage.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,15 +22,15 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def backend(g) -> str:
+    return "nccl" if g.use_gpu and g.gpus_per_actor > 0 else "gloo"
+
+
 def sync_mode(g) -> str:
     """``broadcast`` or ``object_store`` for a GRPO config (``auto``: broadcast when everything is on GPUs)."""
     if g.weight_sync != "auto":
         return g.weight_sync
-    return "broadcast" if g.use_gpu and g.gpus_per_actor > 0 else "object_store"
-
-
-def backend(g) -> str:
-    return "nccl" if g.use_gpu and g.gpus_per_actor > 0 else "gloo"
+    return "broadcast" if backend(g) == "nccl" else "object_store"
 
 
 @dataclass
@@ -39,15 +40,8 @@ class Manifest:
     dtype: str  # wire dtype: the learner's compute dtype (bf16 on GPUs halves the bytes)
 
     @property
-    def numel(self) -> int:
-        return sum(_numel(s) for s in self.shapes)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
 
 
 class BroadcastGroup:
@@ -78,17 +72,13 @@ class BroadcastGroup:
 
     def receive(self, manifest: Manifest) -> tuple[dict[str, torch.Tensor], float]:
         """Ranks > 0: the broadcast weights by name (views of one buffer) and the buffer's checksum."""
-        flat = torch.empty(manifest.numel, dtype=DTYPES[manifest.dtype], device=self.device)
+        flat = torch.empty(sum(manifest.sizes), dtype=DTYPES[manifest.dtype], device=self.device)
         self.pg.broadcast(flat, 0).wait()
-        out, i = {}, 0
-        for n, shape in zip(manifest.names, manifest.shapes):
-            k = _numel(shape)
-            out[n] = flat[i:i + k].view(shape)
-            i += k
-        return out, checksum(flat)
+        parts = flat.split(manifest.sizes)
+        return {n: t.view(shape) for n, t, shape in zip(manifest.names, parts, manifest.shapes)}, checksum(flat)
 
 
-def checksum(flat: torch.Tensor) -> float:
-    # position-weighted, so a misordered buffer does not pass as the same
-    w = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64).remainder_(1009)
-    return float((flat.double() * w).sum())
+def checksum(flat: torch.Tensor, pieces: int = 64) -> float:
+    """Sums of consecutive slices weighted by their position, so a misordered buffer does not pass as
+    the same; slice by slice, so it needs no buffer-sized temporary on the sync path."""
+    return float(sum(k * piece.sum(dtype=torch.float64) for k, piece in enumerate(flat.chunk(pieces), 1)))
