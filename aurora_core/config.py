@@ -168,7 +168,7 @@ class TrainConfig:
     num_to_keep: int = 2
     max_failures: int = 1  # worker-group restarts from the last checkpoint (Ray FailureConfig)
     log_every_steps: int = 1
-    sample_log: bool = True  # record the uids of every step (audits exactly-once resumption)
+    sample_log: bool = True  # record the row keys of every step (audits exactly-once resumption)
     overlay_clips: int = 2  # validation clips drawn as mask overlays into MLflow each epoch
 
     def __post_init__(self) -> None:
@@ -297,10 +297,19 @@ class EvalConfig:
     gpus_per_actor: float = 0.0
     max_new_tokens: int = 160
     overlays: int = 2  # mask overlays of the best and of the worst clips per split
+    # The table shown: "official" = the Ref-AVS test loop (per-batch metrics of protocol_batch_clips
+    # clips in metadata order, averaged over batches; published numbers use it), "split" = every
+    # frame of a split at once. results.json and MLflow always get both.
+    protocol: str = "official"
+    protocol_batch_clips: int = 4  # the official loop's DataLoader(batch_size=4)
+    score_size: int = 256  # masks are scored at score_size^2 (the official loader resizes to 256)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in ("train", "val", "test_s", "test_u", "test_n")]
         _check(not bad, f"eval.splits: unknown split(s) {bad}")
+        _check(self.protocol in ("official", "split"), f"eval.protocol must be official or split, got {self.protocol!r}")
+        _check(self.protocol_batch_clips >= 1, "eval.protocol_batch_clips must be >= 1")
+        _check(self.score_size >= 16, "eval.score_size must be >= 16")
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Evaluation on the Ref-AVS test splits: the model answers (greedy) on a Ray Data actor pool, the
-per-row metric counts are merged per split into J / F / S (aurora_core.metrics), and the Ref-AVS
-table is printed, written to ``results.json`` and logged to MLflow with mask overlays of the best and
+"""Evaluation on the Ref-AVS test splits: the model answers (greedy) on a Ray Data actor pool, each
+row's metric counts come back with its metadata line, and per split the rows, put back in metadata
+order, are aggregated under both protocols of aurora_core.metrics (``official``: per-batch means over
+batches of 4 clips, as the benchmark's own test loop; ``split``: all frames at once). The table of
+``eval.protocol`` is printed; ``results.json`` and MLflow get both, with mask overlays of the best and
 worst clips."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from aurora_core.config import AuroraConfig
 from aurora_core.data import shards
 from aurora_core.infer import predict
-from aurora_core.metrics import SplitMetrics, format_table, refavs_table
+from aurora_core.metrics import PROTOCOLS, SplitMetrics, format_table, protocol_from_rows, refavs_table
 
 log = logging.getLogger(__name__)
 
@@ -27,43 +29,64 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
     e = cfg.eval
     t0 = time.time()
     ds = predict(cfg, model_dir, shards_dir, splits, "answer", actors=e.actors, batch_size=e.batch_size,
-                 cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor, max_new_tokens=e.max_new_tokens)
-    acc = {s: SplitMetrics() for s in splits}
+                 cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor, max_new_tokens=e.max_new_tokens,
+                 score_size=e.score_size)
     rows: list[dict[str, Any]] = []
     for r in ds.iter_rows():
-        acc[r["split"]].merge(SplitMetrics.from_state(json.loads(r["metrics"])))
-        rows.append({k: r[k] for k in ("uid", "split", "class", "answer", "pred_class", "class_correct",
-                                       "well_formed", "iou")} | {"pred_masks": r["pred_masks"]})
-    per_split = {}
+        rows.append({k: r[k] for k in ("key", "line", "uid", "split", "class", "answer", "pred_class", "class_correct",
+                                       "well_formed", "iou", "metrics", "pred_masks")})
+    rows.sort(key=lambda r: int(r["line"]))  # metadata order: the official protocol batches consecutive rows
+    per_split, tables = {}, {}
     for s in splits:
         srows = [r for r in rows if r["split"] == s]
         if not srows:
             raise ValueError(f"no rows of split {s} in {shards_dir}")
-        per_split[s] = {**acc[s].compute(), "rows": len(srows),
+        accs = [SplitMetrics.from_state(json.loads(r["metrics"])) for r in srows]
+        both = {p: protocol_from_rows(accs, s, p, e.protocol_batch_clips) for p in PROTOCOLS}
+        per_split[s] = {**both[e.protocol], **{p: both[p] for p in PROTOCOLS}, "rows": len(srows),
                         "class_acc": float(np.mean([r["class_correct"] for r in srows])),
                         "format_rate": float(np.mean([r["well_formed"] for r in srows]))}
-    table = refavs_table(per_split)
-    result = {"model": str(model_dir), "name": name, "splits": per_split, "table": table,
+    for p in PROTOCOLS:
+        tables[p] = refavs_table({s: m[p] for s, m in per_split.items()})
+    table = tables[e.protocol]
+    result = {"model": str(model_dir), "name": name, "protocol": e.protocol, "splits": per_split, "table": table,
+              "tables": tables, "protocol_batch_clips": e.protocol_batch_clips, "score_size": e.score_size,
               "seconds": time.time() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     with open(out_dir / "answers.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({k: (bool(v) if isinstance(v, np.bool_) else v) for k, v in r.items()
-                                if k != "pred_masks"}, default=float) + "\n")
-    text = format_table({name: table})
+                                if k not in ("pred_masks", "metrics")}, default=float) + "\n")
+    other = "split" if e.protocol == "official" else "official"
+    text = (format_table({name: table}, table_title(cfg, e.protocol)) + "\n\n"
+            + format_table({name: tables[other]}, table_title(cfg, other)))
     if logger:
         logger.metrics({f"eval/{k}": v for k, v in table.items() if v is not None}, 0)
-        logger.metrics({f"eval/{s}/{k}": float(v) for s, m in per_split.items() for k, v in m.items()}, 0)
-        logger.text(text, "eval/table.txt")
+        logger.metrics({f"eval/{p}/{k}": v for p, t in tables.items() for k, v in t.items() if v is not None}, 0)
+        logger.metrics({f"eval/{s}/{k}": float(v) for s, m in per_split.items() for k, v in m.items()
+                        if not isinstance(v, dict)}, 0)
+        logger.metrics({f"eval/{s}/{p}/{k}": float(v) for s, m in per_split.items() for p in PROTOCOLS
+                        for k, v in m[p].items()}, 0)
+        logger.text(text + "\n", "eval/table.txt")
         logger.json(result, "eval/results.json")
-        for uid, png in overlays(cfg, shards_dir, rows, splits):
-            logger.png(png, f"eval/overlays/{uid}.png")
+        for tag, png in overlays(cfg, shards_dir, rows, splits):
+            logger.png(png, f"eval/overlays/{tag}.png")
     return result
 
 
+def table_title(cfg: AuroraConfig, protocol: str | None = None) -> str:
+    """The line above a table: which protocol its numbers follow."""
+    e = cfg.eval
+    size = f"masks scored at {e.score_size}x{e.score_size}"
+    if (protocol or e.protocol) == "official":
+        return (f"Ref-AVS, official protocol (splits in metadata order, metrics per batch of {e.protocol_batch_clips} "
+                f"clips, mean over batches, as published tables; {size}):")
+    return f"Ref-AVS, split protocol (metrics over all frames of a split at once; {size}):"
+
+
 def overlays(cfg: AuroraConfig, shards_dir: Path, rows: list[dict[str, Any]], splits: list[str]):
-    """(uid, PNG) for the best and the worst clips of each split (by IoU of the answer's masks)."""
+    """(tag, PNG) for the best and the worst clips of each split (by IoU of the answer's masks)."""
     from torchvision.io import decode_png
 
     from aurora_core.tracking import mask_overlay_png
@@ -75,12 +98,12 @@ def overlays(cfg: AuroraConfig, shards_dir: Path, rows: list[dict[str, Any]], sp
         picked += srows[-k:] + [r for r in srows[:k] if r not in srows[-k:]]
     if not picked:
         return []
-    clips = shards.rows_by_uid(shards_dir, [r["uid"] for r in picked], splits, cfg.data)
+    clips = shards.rows_by_key(shards_dir, [r["key"] for r in picked], splits, cfg.data)
     out = []
     for i, r in enumerate(picked):
         pred = torch.stack([decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8))[0] for b in r["pred_masks"]])
         logits = torch.where(pred > 0, 10.0, -10.0)
-        tag = f"{r['split']}_iou{r['iou']:.2f}_{r['uid']}"
+        tag = f"{r['split']}_iou{r['iou']:.2f}_{r['key']}".replace("#", "-")
         out.append((tag, mask_overlay_png(torch.from_numpy(clips["frames"][i]), logits,
                                           torch.from_numpy(clips["masks"][i]))))
     return out

@@ -23,20 +23,21 @@ import torch
 from aurora_core import reasoning
 from aurora_core.config import AuroraConfig, config_from_dict, to_dict
 from aurora_core.data import shards
-from aurora_core.metrics import SplitMetrics, mask_iou
+from aurora_core.metrics import SplitMetrics, mask_iou, score_logits
 
 log = logging.getLogger(__name__)
 
 
 class ExportPredictor:
     def __init__(self, export_dir: str, cfg: dict[str, Any], mode: str, max_new_tokens: int = 160,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, score_size: int = 0):
         from aurora_core.model.build import load_export
 
         self.cfg = config_from_dict(cfg)
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.score_size = score_size  # >0: metrics at this size against the batch's score_masks (evaluation)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False)
         self.model.to(self.device).eval()
@@ -49,7 +50,7 @@ class ExportPredictor:
             if self.mode == "seg_embedding":
                 inp = self.proc.train_batch(b, [reasoning.direct_answer(c) for c in b["class"]])
                 out = self.model(inp.to(self.device, self.dtype), with_masks=False)
-                return {"uid": np.asarray(b["uid"]), "embedding": list(out.seg_embedding.float().cpu().numpy())}
+                return {"key": np.asarray(b["key"]), "embedding": list(out.seg_embedding.float().cpu().numpy())}
             if self.mode == "answer":
                 return self._answer(b)
         raise ValueError(f"unknown mode {self.mode!r}")
@@ -64,13 +65,18 @@ class ExportPredictor:
             max_new_tokens=self.max_new_tokens, eos_id=self.proc.eos_id, pad_id=self.proc.pad_id,
             suppress_ids=self.proc.suppress_ids, decode=self.proc.decode, do_sample=sample)
         masks = r.mask_logits.float().cpu()
-        out: dict[str, list] = {k: [] for k in ("uid", "split", "class", "answer", "pred_class", "class_correct",
-                                                "well_formed", "iou", "metrics", "pred_masks")}
+        out: dict[str, list] = {k: [] for k in ("key", "line", "uid", "split", "class", "answer", "pred_class",
+                                                "class_correct", "well_formed", "iou", "metrics", "pred_masks")}
         for i, text in enumerate(r.texts):
             p = reasoning.parse_answer(text)
-            gt = b["masks"][i]
+            if self.score_size:  # as the official protocol scores: 256 x 256, its own ground-truth resize
+                pred, gt = score_logits(masks[i], self.score_size), b["score_masks"][i]
+            else:
+                pred, gt = masks[i], b["masks"][i]
             acc = SplitMetrics()
-            acc.update(masks[i], gt)
+            acc.update(pred, gt)
+            out["key"].append(b["key"][i])
+            out["line"].append(int(b["line"][i]))
             out["uid"].append(b["uid"][i])
             out["split"].append(b["split"][i])
             out["class"].append(b["class"][i])
@@ -78,7 +84,7 @@ class ExportPredictor:
             out["pred_class"].append(p.predicted_class or "")
             out["class_correct"].append(p.class_correct(b["class"][i]))
             out["well_formed"].append(p.well_formed)
-            out["iou"].append(mask_iou(masks[i], gt))
+            out["iou"].append(mask_iou(pred, gt))
             out["metrics"].append(json.dumps(acc.to_state()))
             fg = (torch.sigmoid(masks[i]) > 0.4).to(torch.uint8) * 255
             out["pred_masks"].append([encode_png(m[None]).numpy().tobytes() for m in fg])
@@ -91,18 +97,20 @@ class ExportPredictor:
 
 def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,
             actors: int, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
-            max_new_tokens: int = 160, temperature: float = 0.0):
-    """A lazy Ray Dataset of predictions for the rows of ``splits``."""
+            max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0):
+    """A lazy Ray Dataset of predictions for the rows of ``splits`` (in no particular order: each row
+    carries its metadata ``line``). ``score_size``: per-row metrics as the official protocol scores."""
     from aurora_core.runtime import init_ray
 
     init_ray(cfg)
     ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size,
-                             rows_per_block=batch_size if actors > 1 else None)
+                             rows_per_block=batch_size if actors > 1 else None, score_size=score_size)
     return ds.map_batches(
         ExportPredictor, batch_size=batch_size, concurrency=actors, num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs=dict(export_dir=str(export_dir), cfg=to_dict(cfg), mode=mode,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed))
+                                   max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed,
+                                   score_size=score_size))
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
@@ -114,11 +122,11 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def teacher_embeddings(cfg: AuroraConfig, teacher_dir: Path, shards_dir: Path, out: Path) -> int:
-    """The frozen teacher's projected [SEG] embedding of every train row, saved as Parquet (uid, embedding)."""
+    """The frozen teacher's projected [SEG] embedding of every train row, saved as Parquet (key, embedding)."""
     r = cfg.reflection
     ds = predict(cfg, teacher_dir, shards_dir, ["train"], "seg_embedding", actors=r.inference_actors,
                  batch_size=r.inference_batch_size, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor)
-    rows = [{"uid": str(x["uid"]), "embedding": np.asarray(x["embedding"], dtype=np.float32).tolist()}
+    rows = [{"key": str(x["key"]), "embedding": np.asarray(x["embedding"], dtype=np.float32).tolist()}
             for x in ds.iter_rows()]
     write_table(rows, out)
     return len(rows)

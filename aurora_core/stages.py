@@ -134,7 +134,7 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
     Wrong answers (class mismatch, or IoU under ``reflection.iou_threshold``) get the target
     ``<own reasoning> Wait, let me reconsider. <correct CoT>``; right ones keep the ground-truth CoT.
     Writes ``stages/reflect/shards`` (same schema, ``cot`` = the target) and ``answers.parquet``
-    (uid, the model's answer, class, IoU, corrected) for inspection.
+    (row key, uid, the model's answer, class, IoU, corrected) for inspection.
     """
     import json as _json
 
@@ -153,8 +153,8 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
                     batch_size=r.inference_batch_size, cpus_per_actor=r.cpus_per_actor,
                     gpus_per_actor=r.gpus_per_actor, max_new_tokens=r.max_new_tokens, temperature=r.temperature)
     answers = {}
-    for row in preds.select_columns(["uid", "answer", "pred_class", "class_correct", "iou", "well_formed"]).iter_rows():
-        answers[row["uid"]] = row
+    for row in preds.select_columns(["key", "answer", "pred_class", "class_correct", "iou", "well_formed"]).iter_rows():
+        answers[row["key"]] = row
     tok = load_tokenizer(sft_dir / "tokenizer")
     budget = cfg.model.max_answer_tokens - 1
     report, counts = [], {"corrected": 0, "kept": 0, "class_wrong": 0, "iou_low": 0}
@@ -164,10 +164,10 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
         for f in files:
             table = pq.read_table(f)
             targets = []
-            for uid, cot in zip(table["uid"].to_pylist(), table["cot"].to_pylist()):
-                a = answers.get(uid)
+            for key, uid, cot in zip(table["key"].to_pylist(), table["uid"].to_pylist(), table["cot"].to_pylist()):
+                a = answers.get(key)
                 if a is None:
-                    raise RuntimeError(f"reflect: no stage-1 answer for train row {uid}")
+                    raise RuntimeError(f"reflect: no stage-1 answer for train row {key}")
                 class_wrong = not a["class_correct"]
                 iou_low = float(a["iou"]) < r.iou_threshold
                 wrong = class_wrong or iou_low
@@ -181,7 +181,7 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
                 counts["class_wrong"] += class_wrong
                 counts["iou_low"] += iou_low
                 targets.append(target)
-                report.append({"uid": uid, "answer": a["answer"], "pred_class": a["pred_class"],
+                report.append({"key": key, "uid": uid, "answer": a["answer"], "pred_class": a["pred_class"],
                                "class_correct": bool(a["class_correct"]), "iou": float(a["iou"]),
                                "corrected": wrong})
             table = table.set_column(table.schema.get_field_index("cot"), "cot", pa.array(targets, pa.string()))
@@ -280,8 +280,11 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
     res = out / "results.json"
     if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
         cached = _json.loads(res.read_text())
-        if sorted(cached["splits"]) == sorted(splits):
+        e = cfg.eval
+        if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached
+                and (cached.get("protocol_batch_clips"), cached.get("score_size")) == (e.protocol_batch_clips, e.score_size)):
             print(f"[eval] {name}: results at {res} are newer than the model: reused")
+            cached.update(protocol=e.protocol, table=cached["tables"][e.protocol])
             return cached
     require_shards(layout)
     init_ray(cfg)

@@ -45,11 +45,15 @@ def run_all(cfg) -> dict:
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise
-    table = format_table({s: r["table"] for s, r in results.items()})
-    (layout.dir / "results_table.txt").write_text(table + "\n")
+    from aurora_core.evaluate import table_title
+
+    table = format_table({s: r["table"] for s, r in results.items()}, table_title(cfg))
+    other = "split" if cfg.eval.protocol == "official" else "official"
+    full = table + "\n\n" + format_table({s: r["tables"][other] for s, r in results.items()}, table_title(cfg, other))
+    (layout.dir / "results_table.txt").write_text(full + "\n")
     from aurora_core.tracking import RunLogger
 
-    RunLogger(tracker.uri if tracker.enabled else None, parent).text(table + "\n", "results_table.txt")
+    RunLogger(tracker.uri if tracker.enabled else None, parent).text(full + "\n", "results_table.txt")
     tracker.finish(parent)
     return {"results": results, "table": table, "tracking_uri": tracker.uri}
 
@@ -60,8 +64,9 @@ def main() -> int:
     cfg = cli.config_from_args(args)
     t0 = time.time()
     out = run_all(cfg)
-    print(f"\nRef-AVS metrics on the {cfg.data.source.value} test splits (J, F: higher is better; Null S: lower):")
+    print(f"\nRef-AVS metrics on the {cfg.data.source.value} test splits (J, F: higher is better; Null S: lower)")
     print(out["table"])
+    print(f"(both protocols: {cfg.run.dir / 'results_table.txt'})")
     print(f"\nfinished in {time.time() - t0:.0f}s; everything is under {cfg.run.dir}")
     print(f"MLflow store: {out['tracking_uri']}")
     print(f"open its UI:  make mlflow-ui RUN_ROOT={cfg.run.root} RUN={cfg.run.name}   (http://127.0.0.1:5000)")

@@ -30,7 +30,9 @@ def main() -> int:
         tracker.finish(parent, "FAILED")
         return 1
     tracker.finish(parent)
-    print(format_table({result["name"]: result["table"]}))
+    from aurora_core.evaluate import table_title
+
+    print(format_table({result["name"]: result["table"]}, table_title(cfg, result.get("protocol"))))
     return 0
 
 

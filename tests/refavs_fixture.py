@@ -18,7 +18,7 @@ ROWS = [  # vid, uid, split, fid, exp
     ("vidA", "vidA_dog_0", "train", "1", "the barking dog"),
     ("vidD", "vidD_guitar_1", "val", "2", "the guitar on the right"),
     ("vidB", "vidB_emergency-car_0", "test_u", "1", "the car with the siren"),
-    ("null_c-vidC", "null_c-vidC_null_0", "test_n", "1", "the piano"),
+    ("vidC", "null_c-vidC_null_0", "test_n", "1", "the piano"),  # as released: vid plain, folder from the uid
     ("vidB", "vidB_dog_1", "TODO", "3", "unlabelled row in the public csv"),
 ]
 
@@ -52,14 +52,16 @@ def write_metadata(root: Path, rows, header=("vid", "uid", "split", "fid", "exp"
 
 
 def build(root: Path, rows=ROWS) -> Path:
-    """Write the dataset; null rows get no mask files (as in the release)."""
+    """Write the dataset in the folders the official loader reads (``uid.rsplit('_', 2)[0]``, which is
+    ``null_c-<vid>`` for null rows); null rows get no mask files (as in the release)."""
     root.mkdir(parents=True, exist_ok=True)
     write_metadata(root, rows)
     for vid, uid, split, fid, _ in rows:
+        folder = uid.rsplit("_", 2)[0]
         for t in range(NUM_FRAMES):
-            write_frame(root / "media" / vid / "frames" / f"{t}.jpg")
-        write_audio(root / "media" / vid / "audio.wav")
+            write_frame(root / "media" / folder / "frames" / f"{t}.jpg")
+        write_audio(root / "media" / folder / "audio.wav")
         if uid.split("_")[-2] != "null":
             for t in range(NUM_FRAMES):
-                write_mask(root / "gt_mask" / vid / f"fid_{fid}" / f"{t:05d}.png")
+                write_mask(root / "gt_mask" / folder / f"fid_{fid}" / f"{t:05d}.png")
     return root

@@ -39,7 +39,7 @@ def init_export(small_cfg, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clips(small_cfg, small_shards):
     rows = decoded_rows(small_shards, "train", 6, small_cfg.data)
-    keys = ("uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
+    keys = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
     return {k: (np.asarray(rows[k]) if isinstance(rows[k], list) else rows[k].numpy()) for k in keys}
 
 
@@ -68,7 +68,7 @@ def test_pool_versions_and_a_dying_actor(ray_session, small_shards, init_export,
         assert pool.replaced == 1
         G = cfg.grpo.num_samples
         for i, grp in got.items():
-            assert grp["index"] == i and grp["uid"] == clips["uid"][i] and grp["version"] == 1
+            assert grp["index"] == i and grp["key"] == clips["key"][i] and grp["version"] == 1
             assert grp["completion_ids"].shape == grp["logprobs"].shape and grp["completion_ids"].shape[0] == G
             assert set(grp["rewards"]) == {"format", "class", "iou", "total"} and len(grp["texts"]) == G
         # the replacement got the current weights before its first call
@@ -80,19 +80,19 @@ def test_pool_versions_and_a_dying_actor(ray_session, small_shards, init_export,
 def test_prompt_order_is_seeded_and_mixed(ray_session, small_shards, tmp_path):
     """Same seed, same prompts in the same order (reproducible runs); not the shards' row order."""
     from aurora_core.rl.driver import DriverState, PromptStream
-    from aurora_core.train.data import split_uids
+    from aurora_core.data.shards import split_keys
 
     def first(cfg, n=12):
         stream = PromptStream(cfg, small_shards, DriverState())
         try:
-            return [str(u) for u in stream.take(n)["uid"]]
+            return [str(u) for u in stream.take(n)["key"]]
         finally:
             stream.close()
 
     cfg = cfg_for(tmp_path, small_shards)
     a = first(cfg)
     assert first(cfg) == a
-    assert a != split_uids(small_shards, "train")[:12] and len({u.split("_")[0] for u in a}) > 4
+    assert a != split_keys(small_shards, "train")[:12] and len({u.split("_")[0] for u in a}) > 4
     assert first(cfg_for(tmp_path, small_shards, "run.seed=1")) != a
 
 
@@ -204,7 +204,7 @@ def test_grpo_run_two_learners_async_kl_checkpoint_resume(ray_session, small_sha
     meta = json.loads((ckpt / "driver.json").read_text())
     assert meta["queued"] is None  # no rollouts are generated past the last step
     step1 = json.loads((layout.stage_dir("grpo") / "checkpoints" / "step_000001" / "driver.json").read_text())
-    assert len(step1["queued"]["uids"]) == 4  # async: step 2's rollouts were queued at step 1
+    assert len(step1["queued"]["keys"]) == 4  # async: step 2's rollouts were queued at step 1
 
     # continue to step 3 from the step-2 checkpoint, as after an interrupted driver: the export
     # (which marks a finished stage) is not there yet and the stage's MLflow run is not FINISHED

@@ -252,3 +252,127 @@ def test_pair_validation(fn, pred, gt, match):
 def test_null_s_validation(pred, match):
     with pytest.raises(ValueError, match=match):
         null_s(pred)
+
+
+# ---------------------------------------------------------------- the official protocol
+
+def _row(fg: list, gt: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """One clip of one 2x2 frame: fg/gt as 4 booleans (row-major)."""
+    return (torch.tensor([P if x else N for x in fg], dtype=torch.float32).view(1, 2, 2),
+            torch.tensor(gt, dtype=torch.uint8).view(1, 2, 2))
+
+
+def test_protocol_batches_in_order_with_a_short_last_batch():
+    rows = [_row([1, 0, 0, 0], [1, 0, 0, 0]),  # J 1
+            _row([1, 1, 0, 0], [1, 0, 0, 0]),  # J 1/2
+            _row([0, 0, 0, 0], [1, 1, 0, 0]),  # J 0
+            _row([1, 0, 0, 0], [0, 0, 0, 0]),  # empty gt: TN 3/4
+            _row([1, 1, 1, 1], [1, 1, 1, 1])]  # J 1 (the short last batch)
+    preds, gts = zip(*rows)
+    got = metrics.refavs_protocol(list(preds), list(gts), "test_s", batch_clips=2)
+    assert set(got) == {"J", "F"}
+    assert got["J"] == pytest.approx(((1 + 0.5) / 2 + (0 + 0.75) / 2 + 1) / 3)
+    # F per batch: max over thresholds of the mean curve of its non-empty frames. Logits +-5 give two
+    # regimes: the lowest thresholds predict every pixel, the others exactly the P pixels.
+    f = lambda p, r: 1.3 * p * r / (0.3 * p + r) if p + r else 0.0  # noqa: E731
+    b1 = max((f(1, 1) + f(0.5, 1)) / 2, (f(0.25, 1) + f(0.25, 1)) / 2)
+    b2 = max(f(0, 0), f(0.5, 1))  # row 3 only (row 4's gt is empty); all-predicted wins here
+    assert got["F"] == pytest.approx((b1 + b2 + 1.0) / 3, abs=1e-6)
+    # the order matters: the same rows in another order batch differently
+    other = metrics.refavs_protocol([preds[i] for i in (0, 2, 1, 3, 4)], [gts[i] for i in (0, 2, 1, 3, 4)],
+                                    "test_s", batch_clips=2)
+    assert other["J"] == pytest.approx(((1 + 0) / 2 + (0.5 + 0.75) / 2 + 1) / 3)
+    assert other["F"] != pytest.approx(got["F"])
+
+
+def test_protocol_batch_without_foreground_adds_zero_f():
+    rows = [_row([1, 0, 0, 0], [1, 0, 0, 0]), _row([0, 0, 0, 0], [1, 0, 0, 0]),
+            _row([0, 0, 0, 0], [0, 0, 0, 0]), _row([0, 0, 0, 0], [0, 0, 0, 0])]
+    got = metrics.refavs_protocol(*map(list, zip(*rows)), "test_u", batch_clips=2)
+    f1 = (1.0 + 0.0) / 2
+    assert got["F"] == pytest.approx((f1 + 0.0) / 2, abs=1e-6)  # the all-empty batch returns 0, as the official code
+    assert got["J"] == pytest.approx(((1 + 0) / 2 + (1 + 1) / 2) / 2)
+    split = metrics.protocol_from_rows([_acc(*r) for r in rows], "test_u", "split")
+    assert split["F"] == pytest.approx(f1, abs=1e-6)  # split-wide: empty frames are simply left out
+
+
+def _acc(p, g) -> SplitMetrics:
+    m = SplitMetrics()
+    m.update(p, g)
+    return m
+
+
+def test_protocol_null_split_is_mean_of_per_batch_roots():
+    rows = [_row([1, 0, 0, 0], [0] * 4), _row([0, 0, 0, 0], [0] * 4), _row([1, 1, 1, 1], [0] * 4)]
+    got = metrics.refavs_protocol(*map(list, zip(*rows)), "test_n", batch_clips=2)
+    assert set(got) == {"S"}
+    assert got["S"] == pytest.approx((math.sqrt(1 / 8) + math.sqrt(4 / 4)) / 2)
+    split = metrics.protocol_from_rows([_acc(*r) for r in rows], "test_n", "split")
+    assert split["S"] == pytest.approx(math.sqrt(5 / 12))  # one root over the split
+
+
+def _official_loop(preds, gts, split, bs=4):
+    """The benchmark's test loop re-derived from its code (Ref-AVS scripts/train.py test() and
+    utils/metric/utility.py), literally per batch and per threshold, in float32."""
+    js, fs, ss = [], [], []
+    for start in range(0, len(preds), bs):
+        p = torch.cat(preds[start:start + bs]).float()  # [frames of the batch, H, W]
+        g = torch.cat(gts[start:start + bs]).float()
+        if split == "test_n":
+            ss.append(torch.sqrt((torch.sigmoid(p) > 0.5).int().sum() / p.numel()).item())
+            continue
+        n, hw = p.shape[0], p.shape[1] * p.shape[2]
+        fg = (torch.sigmoid(p) > 0.4).int()
+        inter = (fg * g).sum((1, 2))
+        union = torch.max(fg, g.int()).sum((1, 2)).float()
+        empty = g.sum((1, 2)) == 0
+        inter[empty] = ((1 - g) * (1 - fg)).sum((1, 2))[empty]
+        union[empty] = hw
+        js.append((torch.sum(inter / (union + 1e-7)) / n).item())
+        prob = torch.sigmoid(p)
+        th = torch.linspace(0, 1 - 1e-10, 255)
+        score, avg, num = torch.zeros(255), 0.0, 0
+        for i in range(n):
+            if torch.mean(g[i]) == 0.0:
+                continue
+            prec, rec = torch.zeros(255), torch.zeros(255)
+            for k in range(255):
+                y = (prob[i] >= th[k]).float()
+                tp = (y * g[i]).sum()
+                prec[k], rec[k] = tp / (y.sum() + 1e-20), tp / (g[i].sum() + 1e-20)
+            fk = 1.3 * prec * rec / (0.3 * prec + rec)
+            fk[fk != fk] = 0
+            avg, num = avg + fk, num + 1
+            score = avg / num
+        fs.append(score.max().item())
+    if split == "test_n":
+        return {"S": sum(ss) / len(ss)}
+    return {"J": sum(js) / len(js), "F": sum(fs) / len(fs)}
+
+
+@pytest.mark.parametrize("split", ["test_s", "test_n"])
+def test_protocol_matches_the_official_loop_on_random_logits(split):
+    g = torch.Generator().manual_seed(3)
+    preds, gts = [], []
+    for r in range(11):  # 11 clips: batches of 4, 4, 3
+        preds.append(torch.randn(3, 12, 10, generator=g) * 3)
+        m = torch.rand(3, 12, 10, generator=g) < 0.3
+        if r in (4, 5, 6, 7):  # a whole batch with empty ground truth
+            m[:] = False
+        gts.append(m.to(torch.uint8))
+    got = metrics.refavs_protocol(preds, gts, split)
+    want = _official_loop(preds, gts, split)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+def test_official_gt_resize_thresholds_like_cv2_rounding():
+    m = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    m[0, 0, 0] = 255
+    up = metrics.official_gt_resize(m, 8)  # a corner pixel: bilinear spreads it, rounding keeps the core
+    assert up.dtype == torch.bool and up.shape == (1, 8, 8)
+    assert up[0, :2, :2].all() and not up[0, 3:, 3:].any()
+    assert torch.equal(metrics.official_gt_resize(m.bool(), 8), up)  # 0/1 masks stand for 0/255 PNGs
+    same = torch.randint(0, 2, (2, 256, 256), dtype=torch.uint8)
+    assert torch.equal(metrics.official_gt_resize(same), same.bool())

@@ -110,15 +110,15 @@ def corrupt(ds, case):
     if case == "mask_size":
         fx.write_mask(ds / "gt_mask" / "vidA" / "fid_1" / "00000.png", size=(12, 16))
         return "vidA_dog_0", "fid_1/00000.png", "masks must match their frame"
-    if case == "duplicate_uid":
-        fx.write_metadata(ds, fx.ROWS + [("vidA", "vidA_dog_0", "train", "1", "again")])
-        return "vidA_dog_0", "metadata.csv", "duplicate uid"
-    if case == "vid_dotdot":
-        fx.write_metadata(ds, fx.ROWS + [("../outside", "x_dog_0", "train", "1", "escape")])
-        return "x_dog_0", "media/../outside", "unsafe path"
-    if case == "vid_absolute":
-        fx.write_metadata(ds, fx.ROWS + [("/etc", "y_dog_0", "train", "1", "escape")])
-        return "y_dog_0", "media//etc", "unsafe path"
+    if case == "uid_dotdot":  # the media folder comes from the uid, as the official loader takes it
+        fx.write_metadata(ds, fx.ROWS + [("x", "../outside_dog_0", "train", "1", "escape")])
+        return "../outside_dog_0", "media/../outside", "unsafe path"
+    if case == "uid_absolute":
+        fx.write_metadata(ds, fx.ROWS + [("y", "/etc_dog_0", "train", "1", "escape")])
+        return "/etc_dog_0", "media//etc", "unsafe path"
+    if case == "vid_fallback_absolute":  # the vid column, used when the uid's folder is missing, is checked too
+        fx.write_metadata(ds, fx.ROWS + [("/etc", "null_c-nothere_null_0", "test_n", "0", "escape")])
+        return "null_c-nothere_null_0", "media/null_c-nothere", "missing frame"
     if case == "fid_dotdot":
         fx.write_metadata(ds, fx.ROWS + [("vidA", "vidA_dog_9", "train", "../../media", "escape")])
         return "vidA_dog_9", "fid_../../media", "unsafe path"
@@ -140,7 +140,7 @@ def corrupt(ds, case):
 
 
 BAD_CASES = ["missing_frame", "truncated_jpeg", "garbage_jpeg", "zero_byte_audio", "non_wav_audio",
-             "text_as_audio", "missing_mask", "mask_size", "duplicate_uid", "vid_dotdot", "vid_absolute",
+             "text_as_audio", "missing_mask", "mask_size", "uid_dotdot", "uid_absolute", "vid_fallback_absolute",
              "fid_dotdot", "symlink_out", "non_utf8_exp", "bad_uid"]
 
 
@@ -161,10 +161,11 @@ def test_bad_input_lenient_quarantines(ds, tmp_path, data_cfg, case):
     s = convert(ds, tmp_path, data_cfg, lenient=True)
     q = [json.loads(line) for line in (tmp_path / "shards" / "quarantine.jsonl").read_text().splitlines()]
     assert [x["uid"] for x in q] == [uid] and reason in q[0]["reason"] and file in q[0]["file"]
+    assert [x["key"] for x in q] == [uid] and q[0]["line"] >= 2
     assert s.rows_read == s.rows_kept + s.rows_quarantined + sum(s.rows_skipped_by_split.values())
     assert s.rows_quarantined == 1
     kept = {r["uid"] for r in read_all(tmp_path / "shards")}
-    assert uid not in kept or case == "duplicate_uid"  # the first of two duplicates is kept
+    assert uid not in kept
 
 
 def test_null_rows_ignore_existing_masks(ds, tmp_path, data_cfg):
@@ -232,3 +233,102 @@ def test_cli_strict_fails_and_lenient_reports(ds, tmp_path):
     assert (tmp_path / "o" / "quarantine.jsonl").is_file()
     r = run_script("pipelines/prepare_data.py", "--source", "refavs", cwd=ROOT)
     assert r.returncode == 2 and "--root" in r.stderr
+
+
+# ----------------------------------------------------------------- the real release's quirks
+
+def dup_rows():
+    """Both kinds of duplicate the public metadata.csv has (11 uids): an exact copy, and a row that
+    shares a uid but has another fid and expression (e.g. MDyjY3uiWp0_297000_307000_saw_4)."""
+    return fx.ROWS + [
+        ("vidA", "vidA_dog_0", "train", "1", "the barking dog"),  # line 7: exact copy of line 2
+        ("vidB", "vidB_emergency-car_0", "test_u", "2", "the loudest object"),  # line 8: same uid as line 4
+    ]
+
+
+def test_duplicate_uids_convert_strictly_and_keep_every_row(ds, tmp_path, data_cfg, caplog):
+    rows = dup_rows()
+    fx.build(ds, rows)
+    s = convert(ds, tmp_path, data_cfg)
+    assert (s.rows_read, s.rows_kept, s.rows_quarantined) == (7, 6, 0)
+    assert s.duplicate_uid_rows == 2 and s.duplicate_uids == ["vidA_dog_0", "vidB_emergency-car_0"]
+    assert "duplicate uids: 2 (2 later rows" in s.render()
+    got = read_all(tmp_path / "shards")
+    keys = sorted(r["key"] for r in got)
+    assert keys == sorted(["vidA_dog_0", "vidA_dog_0#7", "vidD_guitar_1", "vidB_emergency-car_0",
+                           "vidB_emergency-car_0#8", "null_c-vidC_null_0"])
+    by_key = {r["key"]: r for r in got}
+    assert by_key["vidB_emergency-car_0#8"]["uid"] == "vidB_emergency-car_0"  # the uid stays a column
+    assert by_key["vidB_emergency-car_0#8"]["fid"] == "2" and by_key["vidB_emergency-car_0"]["fid"] == "1"
+    assert by_key["vidB_emergency-car_0#8"]["class"] == "emergency-car" and by_key["vidA_dog_0#7"]["line"] == 7
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["duplicate_uid_rows"] == 2 and manifest["duplicate_uids"] == s.duplicate_uids
+    assert any("2 uids occur more than once" in r.message and "vidA_dog_0" in r.message for r in caplog.records)
+
+
+def test_duplicate_warning_names_the_first_five(ds, tmp_path, data_cfg, caplog):
+    extra = [("vidA", f"vidA_dog_{k}", "train", "1", f"dog {k}") for k in range(7)]
+    fx.build(ds, fx.ROWS + extra + extra)
+    s = convert(ds, tmp_path, data_cfg)
+    assert len(s.duplicate_uids) == 7 and s.rows_kept == 4 + 14
+    msg = next(r.message for r in caplog.records if "occur more than once" in r.message)
+    assert "vidA_dog_4" in msg and "vidA_dog_5" not in msg and "and 2 more" in msg
+
+
+def test_null_rows_read_the_folder_their_uid_names(ds, tmp_path, data_cfg):
+    # the release: vid column = the ordinary video, media of the null row in media/null_c-<vid>/
+    fx.write_frame(ds / "media" / "null_c-vidC" / "frames" / "0.jpg", value=7)
+    fx.write_frame(ds / "media" / "vidC" / "frames" / "0.jpg", value=250)  # the ordinary video: not read
+    s = convert(ds, tmp_path, data_cfg)
+    assert s.media_from_vid == 0 and "media from the vid column: 0" in s.render()
+    row = next(r for r in read_all(tmp_path / "shards") if r["uid"] == "null_c-vidC_null_0")
+    assert row["vid"] == "vidC" and row["frames"][0] == (ds / "media" / "null_c-vidC" / "frames" / "0.jpg").read_bytes()
+
+
+def test_missing_uid_folder_falls_back_to_the_vid_column(ds, tmp_path, data_cfg, caplog):
+    shutil.move(ds / "media" / "null_c-vidC", ds / "media" / "vidC")
+    s = convert(ds, tmp_path, data_cfg)
+    assert s.media_from_vid == 1 and s.rows_kept == 4 and "media from the vid column: 1" in s.render()
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["media_from_vid"] == 1
+    warnings = [r.message for r in caplog.records if "media/<vid>" in r.message]
+    assert len(warnings) == 1 and "1 rows" in warnings[0]
+
+
+def write_cot(ds, entries):
+    with open(ds / "cot.jsonl", "w") as f:
+        for k, v in entries:
+            f.write(json.dumps({"uid": k, "cot": v}) + "\n")
+
+
+def test_cot_by_uid_or_row_key(ds, tmp_path, data_cfg):
+    rows = dup_rows()
+    fx.build(ds, rows)
+    # an exact copy may share its uid's CoT; the shared-uid row with another expression has its own key
+    write_cot(ds, [(r[1], f"cot of {r[1]}") for r in fx.ROWS] + [("vidB_emergency-car_0#8", "cot of line 8")])
+    convert(ds, tmp_path, data_cfg)
+    by_key = {r["key"]: r["cot"] for r in read_all(tmp_path / "shards")}
+    assert by_key["vidA_dog_0#7"] == by_key["vidA_dog_0"] == "cot of vidA_dog_0"
+    assert by_key["vidB_emergency-car_0#8"] == "cot of line 8"
+    assert by_key["vidB_emergency-car_0"] == "cot of vidB_emergency-car_0"
+
+
+def test_cot_ambiguous_for_a_shared_uid_names_both_lines(ds, tmp_path, data_cfg):
+    fx.build(ds, dup_rows())
+    write_cot(ds, [(r[1], "x") for r in fx.ROWS])
+    with pytest.raises(BadRow) as e:
+        convert(ds, tmp_path, data_cfg)
+    msg = str(e.value)
+    assert "vidB_emergency-car_0" in msg and "lines 4 and 8" in msg and "row key" in msg, msg
+    write_cot(ds, [(r[1], "x") for r in fx.ROWS] + [("vidA_dog_0", "again")])
+    with pytest.raises(DatasetError, match="on line 1 and on line 6"):
+        convert(ds, tmp_path, data_cfg)
+
+
+def test_decoded_rows_carry_key_and_line(ds, tmp_path, data_cfg):
+    fx.build(ds, dup_rows())
+    convert(ds, tmp_path, data_cfg)
+    rows = read_all(tmp_path / "shards")
+    b = shards.decode_batch({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}, 16,
+                            fx.NUM_FRAMES, fx.SAMPLE_RATE, 1.0, score_size=32)
+    assert sorted(b["line"].tolist()) == [2, 3, 4, 5, 7, 8] and "vidA_dog_0#7" in b["key"].tolist()
+    assert b["score_masks"].shape == (6, fx.NUM_FRAMES, 32, 32) and b["score_masks"].max() == 1

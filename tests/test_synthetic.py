@@ -87,14 +87,31 @@ def test_split_properties(raw):
     for r in by_split["test_u"]:  # unseen classes are never named: cues that generalise
         assert not any(u in r.exp for u in unseen), r.exp
     assert {r.cls for r in by_split["test_n"]} == {"null"}
-    for r in by_split["test_n"]:
-        assert r.vid.startswith("null_") and re.fullmatch(r"null_c-\w+_null_\d+", r.uid)
-        assert not (raw / "gt_mask" / r.vid).exists()
+    for r in by_split["test_n"]:  # as released: uid null_c-<vid>_null_<k>, media in media/null_c-<vid>/
+        assert re.fullmatch(r"null_c-\w+_null_\d+", r.uid) and r.folder == f"null_c-{r.vid}"
+        assert (raw / "media" / r.folder / "audio.wav").is_file() and not (raw / "media" / r.vid).exists()
+        assert not (raw / "gt_mask" / r.folder).exists()
         named = r.exp.removeprefix("the ")
-        assert named in seen and f"a {named} " not in cots(raw)[r.uid].split("Step 2")[0]  # absent
+        assert named in seen and f"a {named} " not in cots(raw)[r.key].split("Step 2")[0]  # absent
     train_videos = {r.vid for r in by_split["train"]}
     assert not train_videos & {r.vid for r in by_split["test_s"]}  # new clips
     assert any(r.cls == "null" for r in by_split["train"] + by_split["val"])
+
+
+def test_duplicate_uids_as_in_the_release(raw):
+    """train, test_s and test_u each repeat one uid: an exact copy and a row with another fid and
+    expression; the later rows' CoTs are keyed by their row keys."""
+    meta, _ = read_metadata(raw)
+    c = cots(raw)
+    for split in synthetic.DUPLICATE_SPLITS:
+        dups = [r for r in meta if r.split == split and r.key != r.uid]
+        assert len(dups) == 2 and dups[0].uid == dups[1].uid, dups
+        first = next(r for r in meta if r.key == dups[0].uid)
+        assert (dups[0].fid, dups[0].exp) == (first.fid, first.exp)  # exact copy
+        assert dups[1].fid != first.fid and dups[1].exp != first.exp
+        assert (raw / "gt_mask" / first.folder / f"fid_{dups[1].fid}").is_dir()
+        assert all(d.key in c for d in dups)
+    assert not [r for r in meta if r.split not in synthetic.DUPLICATE_SPLITS and r.key != r.uid]
 
 
 def test_expression_kinds_cover_audio_and_vision(tmp_path):

@@ -19,7 +19,8 @@ from aurora_core.config import load_config
 from aurora_core.metrics import SplitMetrics
 from aurora_core.model.build import build_model, is_export
 from aurora_core.train.audit import committed_samples, restarts
-from aurora_core.train.data import left_out, split_uids
+from aurora_core.data.shards import split_keys
+from aurora_core.train.data import left_out
 from conftest import ROOT, SMALL_DATA, decoded_rows
 
 pytestmark = pytest.mark.slow
@@ -37,9 +38,15 @@ def cfg_for(root: Path, *extra: str):
 
 
 def expected_epoch(cfg, shards_dir, epoch: int) -> set[str]:
-    uids = split_uids(shards_dir, "train")
+    keys = split_keys(shards_dir, "train")
     st = cfg.teacher
-    return set(uids) - set(left_out(uids, cfg.train.num_workers * st.batch_size * st.grad_accum, cfg.run.seed, epoch))
+    return set(keys) - set(left_out(keys, cfg.train.num_workers * st.batch_size * st.grad_accum, cfg.run.seed, epoch))
+
+
+def assert_has_duplicate_uids(shards_dir) -> None:
+    """The synthetic train split repeats a uid as the release does: exactly-once is per row key."""
+    keys = split_keys(shards_dir, "train")
+    assert len([k for k in keys if "#" in k]) == 2 and len(set(keys)) == len(keys)
 
 
 def load_pipeline(name: str):
@@ -125,20 +132,32 @@ def test_evaluation_results_and_table(chain):
     cfg, out, _ = chain
     layout = stages.RunLayout(cfg)
     lines = out["table"].splitlines()
+    assert lines[0].startswith("Ref-AVS, official protocol") and "batch of 4 clips" in lines[0]
+    lines = lines[1:]
     assert lines[0].split() == ["Model", "Seen", "J", "Seen", "F", "Unseen", "J", "Unseen", "F", "Mix", "J",
                                 "Mix", "F", "Null", "S"]
     assert [line.split()[0] for line in lines[2:]] == ["teacher", "sft", "reflect", "grpo"]
     for stage in stages.STAGES:
         res = json.loads((layout.dir / "eval" / stage / "results.json").read_text())
         assert set(res["splits"]) == {"test_s", "test_u", "test_n"}
+        assert res["protocol"] == "official" and set(res["tables"]) == {"official", "split"}
         for split, m in res["splits"].items():
-            assert 0.0 <= m["J"] <= 1.0 and 0.0 <= m["F"] <= 1.0 and 0.0 <= m["S"] <= 1.0 and m["rows"] > 0
-        t = res["table"]
-        assert t["Mix J"] == pytest.approx((t["Seen J"] + t["Unseen J"]) / 2)
-        assert t["Null S"] == pytest.approx(res["splits"]["test_n"]["S"])
-        answers = (layout.dir / "eval" / stage / "answers.jsonl").read_text().splitlines()
+            names = {"S"} if split == "test_n" else {"J", "F"}
+            for p in ("official", "split"):
+                assert set(m[p]) == names and all(0.0 <= v <= 1.0 for v in m[p].values())
+                assert all(m[k] == m["official"][k] for k in names) and m["rows"] > 0
+        for p, t in res["tables"].items():
+            assert t["Mix J"] == pytest.approx((t["Seen J"] + t["Unseen J"]) / 2)
+            assert t["Null S"] == pytest.approx(res["splits"]["test_n"][p]["S"])
+        assert res["table"] == res["tables"]["official"]
+        # null rows: split-wide S is one root over the split, >= the mean of per-batch roots
+        assert res["splits"]["test_n"]["split"]["S"] >= res["splits"]["test_n"]["official"]["S"] - 1e-9
+        answers = [json.loads(x) for x in (layout.dir / "eval" / stage / "answers.jsonl").read_text().splitlines()]
         assert len(answers) == sum(m["rows"] for m in res["splits"].values())
-    assert (layout.dir / "results_table.txt").read_text().strip() == out["table"].strip()
+        assert [a["line"] for a in answers] == sorted(a["line"] for a in answers)  # metadata order
+        assert len({a["key"] for a in answers}) == len(answers) > len({a["uid"] for a in answers})
+    written = (layout.dir / "results_table.txt").read_text()
+    assert written.startswith(out["table"].strip()) and "split protocol" in written
 
 
 def test_inference_pool_of_two_actors_covers_every_row_once(chain):
@@ -149,10 +168,10 @@ def test_inference_pool_of_two_actors_covers_every_row_once(chain):
     cfg, _, _ = chain
     layout = stages.RunLayout(cfg)
     kw = dict(batch_size=8, cpus_per_actor=0.5, gpus_per_actor=0, max_new_tokens=24)
-    runs = {n: {str(r["uid"]): str(r["pred_class"]) for r in infer.predict(
+    runs = {n: {str(r["key"]): str(r["pred_class"]) for r in infer.predict(
         cfg, layout.export("sft"), layout.shards, ["test_u", "test_n"], "answer", actors=n, **kw).iter_rows()}
         for n in (1, 2)}
-    expected = set(split_uids(layout.shards, "test_u")) | set(split_uids(layout.shards, "test_n"))
+    expected = set(split_keys(layout.shards, "test_u")) | set(split_keys(layout.shards, "test_n"))
     assert set(runs[2]) == expected == set(runs[1])
     same = sum(runs[1][u] == runs[2][u] for u in expected)
     assert same >= 0.9 * len(expected)  # greedy; only padding differs between batchings
@@ -175,6 +194,7 @@ def test_evaluate_command_errors_clearly(tmp_path):
 def test_uninterrupted_run_sees_every_row_once_per_epoch(chain):
     cfg, _, _ = chain
     seen = committed_samples(stages.RunLayout(cfg).stage_dir("teacher"))
+    assert_has_duplicate_uids(stages.RunLayout(cfg).shards)
     for epoch in range(cfg.teacher.epochs):
         assert set(seen[epoch]) == expected_epoch(cfg, stages.RunLayout(cfg).shards, epoch)
         assert max(seen[epoch].values()) == 1
@@ -253,6 +273,7 @@ def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path
     starts = restarts(stage_dir)
     assert len(starts) == 3 and starts[0] == 0 and 0 < starts[1] <= starts[2], starts
     seen = committed_samples(stage_dir)
+    assert_has_duplicate_uids(small_shards)
     assert sorted(seen) == list(range(epochs))
     for epoch in range(epochs):
         assert set(seen[epoch]) == expected_epoch(cfg, small_shards, epoch) and max(seen[epoch].values()) == 1

@@ -3,14 +3,28 @@
 Layout (DESIGN.md §3)::
 
     <root>/metadata.csv                             columns exactly vid,uid,split,fid,exp
-    <root>/media/<vid>/frames/{0..N-1}.jpg          first frame of each 1-s snippet
-    <root>/media/<vid>/audio.wav
-    <root>/gt_mask/<vid>/fid_<fid>/{00000..}.png    foreground = any channel > 0
+    <root>/media/<folder>/frames/{0..N-1}.jpg       first frame of each 1-s snippet
+    <root>/media/<folder>/audio.wav
+    <root>/gt_mask/<folder>/fid_<fid>/{00000..}.png foreground = any channel > 0
     <root>/cot.jsonl                                optional: {"uid", "cot"} structured CoT targets
+
+``<folder>`` is ``uid.rsplit("_", 2)[0]``, as the official loader (``datasets/dataset_refavs.py``)
+takes it, not the ``vid`` column: the two agree for every ordinary row of the release, but the
+1,708 null rows have uids ``null_c-<vid>_null_<k>`` / ``null_m-<vid>_null_<k>`` and the release ships
+their media in ``media/null_c-<vid>/`` (resp. ``null_m-``), while their ``vid`` column names the
+ordinary video. Where that folder is missing but ``media/<vid>/`` exists, the row is read from the
+``vid`` folder and counted ("media from the vid column").
 
 The class of a row is ``uid.split("_")[-2]``. Rows of class ``null`` (all of test_n, some of train)
 have empty masks whether or not mask files exist. Rows whose split is not one of :data:`SPLITS`
 (the public CSV has ``TODO`` rows) are skipped and counted.
+
+**Row keys.** The public ``metadata.csv`` (20,459 rows) holds 11 uids twice: some rows are exact
+copies, some share a uid but differ in fid and expression. The official evaluation reads every row,
+so every row is kept, in CSV order, under a *row key* that is unique and stable: the uid for its
+first occurrence, ``<uid>#<csv line>`` for later ones (:func:`row_key`). The row key is what
+identifies a row everywhere downstream (data position, teacher embeddings, reflect shards, GRPO,
+evaluation outputs, quarantine); the uid stays a column (the class comes from it).
 
 Decisions on inputs the release does not pin down:
 - audio at another sample rate is resampled (scipy's polyphase filter) to ``data.sample_rate``;
@@ -28,6 +42,7 @@ stops on (strict) or quarantines (lenient).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -53,12 +68,14 @@ class DatasetError(ValueError):
 
 
 class BadRow(ValueError):
-    def __init__(self, uid: str, file: str, reason: str):
-        super().__init__(f"row {uid!r}: {file}: {reason}")
-        self.uid, self.file, self.reason = uid, file, reason
+    """A row that cannot be used; ``key`` is its row key (= its uid unless the uid occurs twice)."""
+
+    def __init__(self, key: str, file: str, reason: str, uid: str | None = None):
+        super().__init__(f"row {key!r}: {file}: {reason}")
+        self.key, self.uid, self.file, self.reason = key, uid or key, file, reason
 
     def as_quarantine(self) -> dict[str, str]:
-        return {"uid": self.uid, "file": self.file, "reason": self.reason}
+        return {"key": self.key, "uid": self.uid, "file": self.file, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -70,11 +87,26 @@ class MetaRow:
     fid: str
     exp: str
     problem: str | None = None  # found while reading the CSV; raised when the row is loaded
+    key: str = ""  # unique row key (row_key); "" only for rows built by hand, then = uid
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", self.uid)
 
     @property
     def cls(self) -> str:
         parts = self.uid.split("_")
         return parts[-2] if len(parts) >= 3 else ""
+
+    @property
+    def folder(self) -> str:
+        """The media / gt_mask folder the official loader reads: ``uid.rsplit('_', 2)[0]``."""
+        return self.uid.rsplit("_", 2)[0]
+
+
+def row_key(uid: str, line: int, first: bool) -> str:
+    """The unique key of a metadata row: its uid on the uid's first occurrence, else ``<uid>#<line>``."""
+    return uid if first else f"{uid}#{line}"
 
 
 def _has_undecodable(s: str) -> bool:
@@ -83,7 +115,8 @@ def _has_undecodable(s: str) -> bool:
 
 
 def read_metadata(root: Path) -> tuple[list[MetaRow], Counter[str]]:
-    """Rows of the known splits, in file order, and the count of rows skipped per other split."""
+    """Rows of the known splits, in file order, and the count of rows skipped per other split.
+    A uid seen before is not an error: the row gets the key ``<uid>#<line>`` (see :func:`row_key`)."""
     path = Path(root) / "metadata.csv"
     if not path.is_file():
         raise DatasetError(f"{path} not found: the dataset root must contain metadata.csv")
@@ -125,31 +158,62 @@ def read_metadata(root: Path) -> tuple[list[MetaRow], Counter[str]]:
                 problem = f"line {line_no}: uid {uid!r} does not have the form <vid>_<class>_<n>"
             if problem is None and not vals["exp"]:
                 problem = f"line {line_no}: empty expression"
-            if problem is None and uid in first_line:
-                problem = f"line {line_no}: duplicate uid (first on line {first_line[uid]})"
+            key = row_key(uid, line_no, uid not in first_line)
             first_line.setdefault(uid, line_no)
-            rows.append(MetaRow(line_no, vals["vid"], uid, vals["split"], vals["fid"], vals["exp"], problem))
+            rows.append(MetaRow(line_no, vals["vid"], uid, vals["split"], vals["fid"], vals["exp"], problem, key))
     if not rows and not skipped:
         raise DatasetError(f"{path} has a header but no rows")
     return rows, skipped
 
 
-def read_cot(root: Path) -> dict[str, str] | None:
-    """uid -> CoT target from ``cot.jsonl`` if the dataset has one."""
+def read_cot(root: Path) -> dict[str, tuple[str, int]] | None:
+    """``cot.jsonl`` if the dataset has one: key -> (CoT target, line in cot.jsonl). A key is a uid
+    or a row key (``<uid>#<csv line>``, for the later rows of a duplicated uid)."""
     path = Path(root) / "cot.jsonl"
     if not path.is_file():
         return None
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, int]] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                out[str(obj["uid"])] = str(obj["cot"])
+                key, cot = str(obj["uid"]), str(obj["cot"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DatasetError(f"{path}:{n}: expected a JSON object with 'uid' and 'cot' ({e})") from None
+            if key in out:
+                raise DatasetError(f"{path}: {key!r} is on line {out[key][1]} and on line {n}; keep one")
+            out[key] = (cot, n)
     return out
+
+
+def resolve_cot(rows: list[MetaRow], cot: dict[str, tuple[str, int]]) -> list[MetaRow]:
+    """Attach to each row the problem of its CoT lookup, if any (the rows are returned; the lookup
+    itself is :func:`cot_for`). A CoT keyed by a bare uid that names several *different* rows
+    (same uid, other fid or expression) is ambiguous unless those rows have row-keyed CoTs."""
+    by_uid: dict[str, list[MetaRow]] = {}
+    for r in rows:
+        by_uid.setdefault(r.uid, []).append(r)
+    out = []
+    for r in rows:
+        problem = r.problem
+        if problem is None and r.key not in cot:
+            if r.uid not in cot:
+                problem = f"cot.jsonl has no CoT for uid {r.uid!r}" + (f" nor row key {r.key!r}" if r.key != r.uid else "")
+            else:
+                others = [o for o in by_uid[r.uid] if o is not r and (o.fid, o.exp) != (r.fid, r.exp)]
+                if others:  # the uid's first row owns a uid-keyed CoT (its row key is the uid)
+                    a, b = sorted([r, others[0]], key=lambda x: x.line)
+                    problem = (f"cot.jsonl line {cot[r.uid][1]} keys its CoT by uid {r.uid!r}, which names different "
+                               f"rows on metadata.csv lines {a.line} and {b.line}; give the later row its own CoT "
+                               f"under its row key {r.key!r}")
+        out.append(r if problem == r.problem else dataclasses.replace(r, problem=problem))
+    return out
+
+
+def cot_for(row: MetaRow, cot: dict[str, tuple[str, int]]) -> str:
+    return (cot.get(row.key) or cot[row.uid])[0]
 
 
 def template_cot(exp: str, cls: str) -> str:
@@ -177,6 +241,7 @@ class RowLoader:
     """Reads and validates one metadata row's files into a shard row (a dict of Parquet columns)."""
 
     def __init__(self, root: Path, num_frames: int, sample_rate: int, cot: dict[str, str] | None):
+        """``cot``: row key -> CoT target, already resolved (:func:`resolve_cot`); None: template CoTs."""
         self.root = Path(root).resolve()
         self.num_frames = num_frames
         self.sample_rate = sample_rate
@@ -187,59 +252,74 @@ class RowLoader:
         try:
             return safe_path(self.root, *parts), rel
         except ValueError as e:
-            raise BadRow(row.uid, rel, f"unsafe path: {e}") from None
+            raise BadRow(row.key, rel, f"unsafe path: {e}") from None
 
     def _read(self, row: MetaRow, what: str, *parts: str) -> tuple[bytes, str]:
         path, rel = self._file(row, *parts)
         if not path.is_file():
-            raise BadRow(row.uid, rel, f"missing {what}")
+            raise BadRow(row.key, rel, f"missing {what}")
         data = path.read_bytes()
         if not data:
-            raise BadRow(row.uid, rel, f"zero-byte {what}")
+            raise BadRow(row.key, rel, f"zero-byte {what}")
         return data, rel
 
+    def media_folder(self, row: MetaRow) -> tuple[str, bool]:
+        """(folder under media/ and gt_mask/, whether it came from the vid column): the uid's folder
+        as the official loader reads it, else the vid column's if only that one exists."""
+        def exists(name: str) -> bool:
+            try:
+                return safe_path(self.root, "media", name).is_dir()
+            except ValueError:
+                return False  # an unsafe name is reported when its files are read
+
+        if row.folder != row.vid and not exists(row.folder) and exists(row.vid):
+            return row.vid, True
+        return row.folder, False
+
     def load(self, row: MetaRow) -> dict[str, Any]:
+        """The row's shard record; ``media_from_vid`` (not a shard column) says where its media came from."""
         if row.problem:
-            raise BadRow(row.uid, "metadata.csv", row.problem)
+            raise BadRow(row.key, "metadata.csv", row.problem)
         cls = row.cls
+        folder, from_vid = self.media_folder(row)
         frames, sizes = [], []
         for t in range(self.num_frames):
-            data, rel = self._read(row, "frame", "media", row.vid, "frames", f"{t}.jpg")
+            data, rel = self._read(row, "frame", "media", folder, "frames", f"{t}.jpg")
             try:
                 img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             except RuntimeError as e:
-                raise BadRow(row.uid, rel, f"unreadable or truncated JPEG ({str(e).split(', ')[-1]})") from None
+                raise BadRow(row.key, rel, f"unreadable or truncated JPEG ({str(e).split(', ')[-1]})") from None
             frames.append(data)
             sizes.append(tuple(img.shape[-2:]))
-        audio = self._load_audio(row)
+        audio = self._load_audio(row, folder)
         if cls == reasoning.NULL_CLASS:
             masks = [_encode_mask(np.zeros(s, dtype=bool)) for s in sizes]
         else:
-            masks = [self._load_mask(row, t, sizes[t]) for t in range(self.num_frames)]
-        if self.cot is not None and row.uid not in self.cot:
-            raise BadRow(row.uid, "cot.jsonl", "no CoT target for this uid")
-        cot = self.cot[row.uid] if self.cot is not None else template_cot(row.exp, cls)
+            masks = [self._load_mask(row, folder, t, sizes[t]) for t in range(self.num_frames)]
+        if self.cot is not None and row.key not in self.cot:
+            raise BadRow(row.key, "cot.jsonl", f"no CoT target for row {row.key!r}")
+        cot = self.cot[row.key] if self.cot is not None else template_cot(row.exp, cls)
         return {
-            "vid": row.vid, "uid": row.uid, "split": row.split, "fid": row.fid, "class": cls,
-            "exp": row.exp, "has_target": cls != reasoning.NULL_CLASS, "frames": frames,
+            "key": row.key, "line": row.line, "vid": row.vid, "uid": row.uid, "split": row.split, "fid": row.fid,
+            "class": cls, "exp": row.exp, "has_target": cls != reasoning.NULL_CLASS, "frames": frames,
             "audio": audio, "sample_rate": self.sample_rate, "masks": masks, "cot": cot,
-            "height": sizes[0][0], "width": sizes[0][1],
+            "height": sizes[0][0], "width": sizes[0][1], "media_from_vid": from_vid,
         }
 
-    def _load_audio(self, row: MetaRow) -> bytes:
-        data, rel = self._read(row, "audio", "media", row.vid, "audio.wav")
+    def _load_audio(self, row: MetaRow, folder: str) -> bytes:
+        data, rel = self._read(row, "audio", "media", folder, "audio.wav")
         try:
             info = sf.info(io.BytesIO(data))
         except (sf.LibsndfileError, RuntimeError) as e:
-            raise BadRow(row.uid, rel, f"not a readable WAV file ({e})") from None
+            raise BadRow(row.key, rel, f"not a readable WAV file ({e})") from None
         if info.format not in ("WAV", "WAVEX"):
-            raise BadRow(row.uid, rel, f"audio is {info.format}, expected WAV")
+            raise BadRow(row.key, rel, f"audio is {info.format}, expected WAV")
         if info.frames == 0:
-            raise BadRow(row.uid, rel, "audio has no samples")
+            raise BadRow(row.key, rel, "audio has no samples")
         try:
             wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as e:
-            raise BadRow(row.uid, rel, f"unreadable WAV data ({e})") from None
+            raise BadRow(row.key, rel, f"unreadable WAV data ({e})") from None
         wav = wav.mean(axis=1)
         if sr != self.sample_rate:
             from scipy.signal import resample_poly  # well-tested anti-aliased polyphase resampler
@@ -250,14 +330,14 @@ class RowLoader:
         sf.write(buf, np.clip(wav, -1.0, 1.0), self.sample_rate, format="FLAC", subtype="PCM_16")
         return buf.getvalue()
 
-    def _load_mask(self, row: MetaRow, t: int, frame_size: tuple[int, int]) -> bytes:
-        data, rel = self._read(row, "mask", "gt_mask", row.vid, f"fid_{row.fid}", f"{t:05d}.png")
+    def _load_mask(self, row: MetaRow, folder: str, t: int, frame_size: tuple[int, int]) -> bytes:
+        data, rel = self._read(row, "mask", "gt_mask", folder, f"fid_{row.fid}", f"{t:05d}.png")
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError as e:
-            raise BadRow(row.uid, rel, f"unreadable mask image ({str(e).split(', ')[-1]})") from None
+            raise BadRow(row.key, rel, f"unreadable mask image ({str(e).split(', ')[-1]})") from None
         if tuple(img.shape[-2:]) != frame_size:
-            raise BadRow(row.uid, rel, f"mask is {img.shape[-2]}x{img.shape[-1]} but frame {t}.jpg is "
+            raise BadRow(row.key, rel, f"mask is {img.shape[-2]}x{img.shape[-1]} but frame {t}.jpg is "
                                        f"{frame_size[0]}x{frame_size[1]}; masks must match their frame")
         return _encode_mask((img.amax(dim=0) > 0).numpy())
 

@@ -4,7 +4,7 @@ Shard set layout::
 
     <shards>/manifest.json                 written last: its presence marks a complete set
     <shards>/<split>/part-<k>.parquet      one row per expression (SCHEMA)
-    <shards>/quarantine.jsonl              lenient mode only: {uid, file, reason} per rejected row
+    <shards>/quarantine.jsonl              lenient mode only: {key, uid, file, reason, line} per rejected row
 
 Conversion streams: rows are cut into chunks of ``data.rows_per_shard``; a process pool reads and
 validates each chunk and writes its shard itself, so the parent only holds counts and memory stays
@@ -33,12 +33,14 @@ from tqdm import tqdm
 
 from aurora_core.config import DataConfig
 from aurora_core.data.atomic import staged_dir
-from aurora_core.data.refavs import SPLITS, BadRow, MetaRow, RowLoader, read_cot, read_metadata
+from aurora_core.data.refavs import SPLITS, BadRow, MetaRow, RowLoader, cot_for, read_cot, read_metadata, resolve_cot
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: row keys and metadata lines (duplicated uids of the real release)
 SCHEMA = pa.schema([
+    ("key", pa.string()),  # unique row key: the uid, or <uid>#<csv line> for a uid's later rows
+    ("line", pa.int32()),  # line in metadata.csv (header = 1): the official evaluation order
     ("vid", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("fid", pa.string()),
     ("class", pa.string()), ("exp", pa.string()), ("has_target", pa.bool_()),
     ("frames", pa.list_(pa.binary())),  # JPEG bytes as released, one per frame
@@ -58,6 +60,9 @@ class ConversionSummary:
     rows_quarantined: int = 0
     rows_skipped_by_split: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    duplicate_uid_rows: int = 0  # rows whose uid occurred on an earlier line (kept, keyed <uid>#<line>)
+    duplicate_uids: list[str] = field(default_factory=list)
+    media_from_vid: int = 0  # rows whose uid folder (uid.rsplit('_', 2)[0]) was missing: read from media/<vid>
     seconds: float = 0.0
 
     def render(self) -> str:
@@ -68,30 +73,45 @@ class ConversionSummary:
                  + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.rows_skipped_by_split.items()))})"
                     if skipped else ""),
                  "rows per split: " + ", ".join(f"{s} {self.counts.get(s, 0)}" for s in SPLITS),
+                 f"duplicate uids: {len(self.duplicate_uids)} ({self.duplicate_uid_rows} later rows kept under "
+                 "<uid>#<line> keys)",
+                 f"media from the vid column: {self.media_from_vid}",
                  f"took {self.seconds:.1f}s"]
         return "\n".join(lines)
 
 
+@dataclass
+class ChunkResult:
+    """What a conversion worker returns for one chunk of rows."""
+    kept: dict[str, int]  # rows written per split
+    quarantined: list[dict]  # {key, uid, file, reason, line} per rejected row (lenient)
+    error: dict | None  # the first bad row (strict), same fields
+    media_from_vid: int  # rows read from media/<vid> because their uid folder is missing
+
+
 def _convert_chunk(root: str, rows: list[MetaRow], idx: int, out: str, num_frames: int, sample_rate: int,
-                   cot: dict[str, str] | None, lenient: bool) -> tuple[dict[str, int], list[dict], dict | None]:
-    """Worker: load one chunk, write its shard(s); return (kept per split, quarantined, strict error)."""
+                   cot: dict[str, str] | None, lenient: bool) -> ChunkResult:
+    """Worker: load one chunk, write its shard(s)."""
     loader = RowLoader(Path(root), num_frames, sample_rate, cot)
     by_split: dict[str, list[dict[str, Any]]] = {}
     quarantined: list[dict] = []
+    from_vid = 0
     for row in rows:
         try:
             rec = loader.load(row)
         except BadRow as e:
+            entry = {**e.as_quarantine(), "uid": row.uid, "line": row.line}
             if not lenient:
-                return {}, [], {**e.as_quarantine(), "line": row.line}
-            quarantined.append({**e.as_quarantine(), "line": row.line})
+                return ChunkResult({}, [], entry, from_vid)
+            quarantined.append(entry)
             continue
+        from_vid += rec.pop("media_from_vid")
         by_split.setdefault(rec["split"], []).append(rec)
     for split, recs in by_split.items():
         (Path(out) / split).mkdir(exist_ok=True)
         table = pa.Table.from_pylist(recs, schema=SCHEMA)
         pq.write_table(table, Path(out) / split / f"part-{idx:05d}.parquet", compression="zstd")
-    return {s: len(r) for s, r in by_split.items()}, quarantined, None
+    return ChunkResult({s: len(r) for s, r in by_split.items()}, quarantined, None, from_vid)
 
 
 def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int | None = None,
@@ -106,27 +126,41 @@ def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int |
     root, out = Path(root).resolve(), Path(out).resolve()
     rows, skipped = read_metadata(root)
     cot = read_cot(root)
+    if cot is not None:
+        rows = resolve_cot(rows, cot)
+    dup_rows = [r for r in rows if r.key != r.uid]
+    dup_uids = list(dict.fromkeys(r.uid for r in dup_rows))
+    if dup_uids:
+        log.warning("%d uids occur more than once in %s (%s%s): every row is kept, later ones under the "
+                    "row key <uid>#<line>", len(dup_uids), root / "metadata.csv", ", ".join(dup_uids[:5]),
+                    f" and {len(dup_uids) - 5} more" if len(dup_uids) > 5 else "")
     chunks = [rows[i:i + data.rows_per_shard] for i in range(0, len(rows), data.rows_per_shard)]
     summary = ConversionSummary(out=str(out), rows_read=len(rows) + sum(skipped.values()),
-                                rows_skipped_by_split=dict(skipped))
+                                rows_skipped_by_split=dict(skipped), duplicate_uid_rows=len(dup_rows),
+                                duplicate_uids=dup_uids)
     log.info("converting %d rows from %s into %d chunks (%s mode, %d workers)", len(rows), root,
              len(chunks), "lenient" if lenient else "strict", data.conversion_workers)
     counts: Counter[str] = Counter()
     quarantine: list[dict] = []
     with staged_dir(out) as tmp:
         def args(i: int) -> tuple:
-            sub = None if cot is None else {r.uid: cot[r.uid] for r in chunks[i] if r.uid in cot}
+            sub = None if cot is None else {r.key: cot_for(r, cot) for r in chunks[i] if r.problem is None}
             return (str(root), chunks[i], i, str(tmp), data.num_frames, data.sample_rate, sub, lenient)
 
         bar = tqdm(total=len(rows), unit="row", desc="shards", disable=not progress, file=sys.stderr)
-        for kept, bad, err in _run_chunks(args, len(chunks), data.conversion_workers):
-            if err is not None:
+        for res in _run_chunks(args, len(chunks), data.conversion_workers):
+            if res.error is not None:
                 bar.close()
-                raise BadRow(err["uid"], err["file"], err["reason"] + f" (metadata.csv line {err['line']})")
-            counts.update(kept)
-            quarantine.extend(bad)
-            bar.update(sum(kept.values()) + len(bad))
+                err = res.error
+                raise BadRow(err["key"], err["file"], err["reason"] + f" (metadata.csv line {err['line']})", err["uid"])
+            counts.update(res.kept)
+            quarantine.extend(res.quarantined)
+            summary.media_from_vid += res.media_from_vid
+            bar.update(sum(res.kept.values()) + len(res.quarantined))
         bar.close()
+        if summary.media_from_vid:
+            log.warning("%d rows read their media from media/<vid>: the folder their uid names "
+                        "(uid.rsplit('_', 2)[0], which the official loader reads) is missing", summary.media_from_vid)
         if lenient:
             with open(tmp / "quarantine.jsonl", "w", encoding="utf-8") as f:
                 for q in quarantine:
@@ -140,6 +174,8 @@ def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int |
             "schema_version": SCHEMA_VERSION, "source": source, "seed": seed, "root": str(root),
             "counts": summary.counts, "rows_read": summary.rows_read, "rows_kept": summary.rows_kept,
             "rows_quarantined": summary.rows_quarantined, "rows_skipped_by_split": summary.rows_skipped_by_split,
+            "duplicate_uid_rows": summary.duplicate_uid_rows, "duplicate_uids": summary.duplicate_uids,
+            "media_from_vid": summary.media_from_vid,
             "num_frames": data.num_frames, "sample_rate": data.sample_rate, "has_cot_annotations": cot is not None,
             "files": {s: sorted(p.name for p in (tmp / s).glob("*.parquet")) for s in SPLITS if (tmp / s).is_dir()},
             "config": config or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -150,7 +186,7 @@ def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int |
     return summary
 
 
-def _run_chunks(args, n: int, workers: int) -> Iterable[tuple[dict, list, dict | None]]:
+def _run_chunks(args, n: int, workers: int) -> Iterable[ChunkResult]:
     """Results in chunk order; at most 2 x workers chunks in flight (bounded memory)."""
     if workers == 1 or n <= 1:
         for i in range(n):
@@ -167,7 +203,7 @@ def _run_chunks(args, n: int, workers: int) -> Iterable[tuple[dict, list, dict |
             while not pending[i].done():
                 wait(list(pending.values()), return_when=FIRST_COMPLETED)
             result = pending.pop(i).result()
-            if result[2] is not None:
+            if result.error is not None:
                 for f in pending.values():
                     f.cancel()
             yield result
@@ -205,9 +241,11 @@ def split_files(shards: Path, splits: Iterable[str]) -> list[str]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int, sample_rate: int,
-                 audio_seconds: float) -> dict[str, np.ndarray]:
+                 audio_seconds: float, score_size: int = 0) -> dict[str, np.ndarray]:
     """Shard rows -> fixed-shape arrays: frames uint8 [B,T,3,S,S], masks uint8 [B,T,S,S] (0/1),
-    audio float32 [B,L] at ``sample_rate`` padded/cut to ``audio_seconds``."""
+    audio float32 [B,L] at ``sample_rate`` padded/cut to ``audio_seconds``; with ``score_size`` also
+    score_masks uint8 [B,T,Z,Z] (0/1): the ground truth as the official Ref-AVS loader prepares it
+    for scoring (:func:`aurora_core.metrics.official_gt_resize`)."""
     import soundfile as sf
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
@@ -219,6 +257,7 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
     frames = np.empty((n, num_frames, 3, S, S), dtype=np.uint8)
     masks = np.empty((n, num_frames, S, S), dtype=np.uint8)
     audio = np.zeros((n, L), dtype=np.float32)
+    score_masks = np.empty((n, num_frames, score_size, score_size), dtype=np.uint8) if score_size else None
     for i in range(n):
         jpgs, pngs = list(batch["frames"][i]), list(batch["masks"][i])
         if len(jpgs) != num_frames or len(pngs) != num_frames:
@@ -230,23 +269,30 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
         ms = torch.stack([decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in pngs])
         ms = TF.resize(ms, [S, S], interpolation=InterpolationMode.NEAREST)
         masks[i] = (ms[:, 0] > 0).numpy()
+        if score_masks is not None:
+            from aurora_core.metrics import official_gt_resize
+
+            score_masks[i] = official_gt_resize(ms[:, 0], score_size).numpy()
         wav, sr = sf.read(io.BytesIO(batch["audio"][i]), dtype="float32")
         if sr != sample_rate:
             raise ValueError(f"row {batch['uid'][i]}: audio at {sr} Hz, expected data.sample_rate={sample_rate}; "
                              "re-run prepare_data with this sample rate")
         audio[i, : min(L, len(wav))] = wav[:L]
-    out = {k: np.asarray(batch[k]) for k in ("uid", "vid", "split", "class", "exp", "cot")}
-    out.update(has_target=np.asarray(batch["has_target"], dtype=bool), frames=frames, masks=masks, audio=audio)
+    out = {k: np.asarray(batch[k]) for k in ("key", "uid", "vid", "split", "class", "exp", "cot")}
+    out.update(line=np.asarray(batch["line"], dtype=np.int64), has_target=np.asarray(batch["has_target"], dtype=bool),
+               frames=frames, masks=masks, audio=audio)
+    if score_masks is not None:
+        out["score_masks"] = score_masks
     if "epoch" in batch:  # added by the training pipeline (aurora_core.train.data)
         out["epoch"] = np.asarray(batch["epoch"])
     return out
 
 
 def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch_size: int = 16,
-                 shuffle_seed: int | None = None, rows_per_block: int | None = None):
+                 shuffle_seed: int | None = None, rows_per_block: int | None = None, score_size: int = 0):
     """A Ray Dataset of decoded, fixed-shape clips of the given splits (lazy, streaming).
     ``rows_per_block`` re-cuts the blocks (one per shard file otherwise) so that a pool of N actors
-    downstream gets at least N blocks to work on."""
+    downstream gets at least N blocks to work on; ``score_size`` adds the scoring masks (decode_batch)."""
     import ray.data
 
     splits = list(splits)
@@ -258,22 +304,27 @@ def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch
     return ds.map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy",
         fn_kwargs=dict(frame_size=data.frame_size, num_frames=data.num_frames, sample_rate=data.sample_rate,
-                       audio_seconds=data.audio_seconds))
+                       audio_seconds=data.audio_seconds, score_size=score_size))
 
 
-def rows_by_uid(shards: Path, uids: list[str], splits: list[str], data: DataConfig) -> dict[str, np.ndarray]:
-    """Decoded rows by uid, in the given order, read directly (no Ray): a handful of rows, e.g. to
+def split_keys(shards_dir: Path, split: str) -> list[str]:
+    """The row keys of a split, in shard order."""
+    return pq.read_table(split_files(shards_dir, [split]), columns=["key"])["key"].to_pylist()
+
+
+def rows_by_key(shards: Path, keys: list[str], splits: list[str], data: DataConfig) -> dict[str, np.ndarray]:
+    """Decoded rows by row key, in the given order, read directly (no Ray): a handful of rows, e.g. to
     restore queued rollouts or to draw mask overlays."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(split_files(shards, splits), format="parquet").to_table(filter=pads.field("uid").isin(uids))
+    table = pads.dataset(split_files(shards, splits), format="parquet").to_table(filter=pads.field("key").isin(keys))
     raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     dec = decode_batch(raw, data.frame_size, data.num_frames, data.sample_rate, data.audio_seconds)
-    order = {u: i for i, u in enumerate(dec["uid"])}
-    missing = [u for u in uids if u not in order]
+    order = {u: i for i, u in enumerate(dec["key"])}
+    missing = [u for u in keys if u not in order]
     if missing:
         raise KeyError(f"rows {missing[:3]} are not in the {splits} splits of {shards}")
-    idx = [order[u] for u in uids]
+    idx = [order[u] for u in keys]
     return {k: v[idx] for k, v in dec.items()}
 
 

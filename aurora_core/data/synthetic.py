@@ -11,6 +11,11 @@ used in train/val and refers to them only by cues that generalise (sound, positi
 ``test_n`` names categories that are absent (class ``null``, empty masks). Every expression also gets
 its ground-truth structured chain of thought (``cot.jsonl`` beside ``metadata.csv``).
 
+The release's quirks are mirrored so that every consumer meets them: ``test_n`` clips live in
+``media/null_c-<vid>/`` (their uids are ``null_c-<vid>_null_<k>``, their vid column the plain id), and
+train, test_s and test_u each repeat one uid twice more: once as an exact copy, once with another
+fid and expression (CoTs of the later rows keyed by their row key, ``<uid>#<line>``).
+
 One frame per second (the first frame of each 1-s snippet, as in Ref-AVS). Deterministic per seed:
 each clip draws from its own generator seeded by (seed, split, clip index).
 """
@@ -32,10 +37,12 @@ from torchvision.io import encode_jpeg, encode_png
 from aurora_core import reasoning
 from aurora_core.config import DataConfig, SyntheticConfig
 from aurora_core.data.atomic import staged_dir
+from aurora_core.data.refavs import row_key
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test_s", "test_u", "test_n")
+DUPLICATE_SPLITS = ("train", "test_s", "test_u")  # splits that get one exact copy + one shared-uid row
 
 
 @dataclass(frozen=True)
@@ -334,6 +341,8 @@ def _write(tmp: Path, data: DataConfig, syn: SyntheticConfig) -> dict[str, int]:
     counts = {s: 0 for s in SPLITS}
     rows: list[dict[str, str]] = []
     cots: list[dict[str, str]] = []
+    seen_uids: set[str] = set()
+    duplicated: set[str] = set()
     t0 = time.time()
     for split in SPLITS:
         for idx in range(syn.clips(split)):
@@ -351,27 +360,41 @@ def _write(tmp: Path, data: DataConfig, syn: SyntheticConfig) -> dict[str, int]:
             exps = make_expressions(objs, split, absent, k, num_null, rng)
             if not exps:
                 continue
-            vid = f"null_c-syn{split.replace('_', '')}{idx:05d}" if split == "test_n" else f"syn{split.replace('_', '')}{idx:05d}"
+            vid = f"syn{split.replace('_', '')}{idx:05d}"
+            # as in the release: a null clip's uid (and so its media folder) is null_c-<vid>, while its
+            # vid column names the ordinary video
+            folder = f"null_c-{vid}" if split == "test_n" else vid
             frames, masks = render_clip(objs, size, T, rng)
             audio = mix_audio(objs, T, sr, rng)
-            media = tmp / "media" / vid
+            media = tmp / "media" / folder
             (media / "frames").mkdir(parents=True)
             for t in range(T):
                 jpg = encode_jpeg(torch.from_numpy(frames[t]).permute(2, 0, 1).contiguous(), quality=92)
                 (media / "frames" / f"{t}.jpg").write_bytes(jpg.numpy().tobytes())
             sf.write(media / "audio.wav", audio, sr, subtype="PCM_16", format="WAV")
-            for j, e in enumerate(exps):
-                uid = f"{vid}_{e.cls}_{j}"
-                fid = str(j)
-                if e.target is not None:  # null rows have no mask files, as in the release
-                    mdir = tmp / "gt_mask" / vid / f"fid_{fid}"
+            def add(uid: str, fid: str, e: SynthExpression) -> None:
+                if e.target is not None and not (tmp / "gt_mask" / folder / f"fid_{fid}").is_dir():
+                    mdir = tmp / "gt_mask" / folder / f"fid_{fid}"  # null rows have no mask files, as in the release
                     mdir.mkdir(parents=True)
                     for t in range(T):
                         m = torch.from_numpy(masks[e.target, t].astype(np.uint8) * 255)[None]
                         (mdir / f"{t:05d}.png").write_bytes(encode_png(m).numpy().tobytes())
+                line = len(rows) + 2  # metadata.csv line (header = 1)
                 rows.append({"vid": vid, "uid": uid, "split": split, "fid": fid, "exp": e.exp})
-                cots.append({"uid": uid, "cot": e.cot})
+                cots.append({"uid": row_key(uid, line, uid not in seen_uids), "cot": e.cot})
+                seen_uids.add(uid)
                 counts[split] += 1
+
+            for j, e in enumerate(exps):
+                add(f"{folder}_{e.cls}_{j}", str(j), e)
+            if split in DUPLICATE_SPLITS and split not in duplicated and exps[0].target is not None:
+                # the release repeats 11 uids: exact copies, and rows that share a uid but differ in
+                # fid and expression; mirror both once per split so every consumer meets them
+                duplicated.add(split)
+                e0 = exps[0]
+                add(f"{folder}_{e0.cls}_0", "0", e0)
+                add(f"{folder}_{e0.cls}_0", str(len(exps)),
+                    SynthExpression(f"{e0.exp.rstrip('.')} in the video", e0.target, e0.cls, e0.cot))
         log.info("synthetic %s: %d clips, %d expressions", split, syn.clips(split), counts[split])
     with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["vid", "uid", "split", "fid", "exp"])

@@ -2,7 +2,7 @@
 weight push -> log -> checkpoint, step after step.
 
 Checkpoints (``<run>/stages/grpo/checkpoints/step_<n>``) hold the learner's trainable weights and
-optimizer (safetensors), the driver's step, policy version, data position (the uids handed out in
+optimizer (safetensors), the driver's step, policy version, data position (the row keys handed out in
 the current epoch), RNG, and, in async mode, the rollouts already generated for the next step.
 Rerunning with the same run name continues from the newest one.
 """
@@ -31,14 +31,14 @@ from aurora_core.rl.weight_sync import backend, sync_mode
 
 log = logging.getLogger(__name__)
 
-CLIP_KEYS = ("uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
+CLIP_KEYS = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
 
 
 @dataclass
 class DriverState:
     step: int = 0  # learner steps done (= the policy version the rollout actors hold)
     epoch: int = 0
-    consumed: list[str] = field(default_factory=list)  # uids handed out in `epoch`
+    consumed: list[str] = field(default_factory=list)  # row keys handed out in `epoch`
     rng: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,7 +69,7 @@ class PromptStream:
             for batch in ds.iter_batches(batch_size=16, batch_format="numpy",
                                          local_shuffle_buffer_size=g.shuffle_buffer or None,
                                          local_shuffle_seed=self.cfg.run.seed * 1000 + self.state.epoch):
-                for i in range(len(batch["uid"])):
+                for i in range(len(batch["key"])):
                     any_row = True
                     yield {k: batch[k][i] for k in CLIP_KEYS}
             if not any_row and not skip:
@@ -83,7 +83,7 @@ class PromptStream:
 
     def take(self, n: int) -> dict[str, np.ndarray]:
         rows = [next(self._rows) for _ in range(n)]
-        self.state.consumed.extend(str(r["uid"]) for r in rows)
+        self.state.consumed.extend(str(r["key"]) for r in rows)
         return stack(rows)
 
 
@@ -211,10 +211,10 @@ def save_checkpoint(cfg: AuroraConfig, learner, state: DriverState, queued: Batc
                 for k, v in grp["rewards"].items():
                     arrays[f"{i}/rewards/{k}"] = np.ascontiguousarray(v)
             save_np(arrays, str(tmp / "queued.safetensors"))
-            meta["queued"] = {"uids": [str(u) for u in queued.clips["uid"]], "drawn": queued.drawn,
+            meta["queued"] = {"keys": [str(k) for k in queued.clips["key"]], "drawn": queued.drawn,
                               "zero_var": queued.zero_var, "gen_time": queued.gen_time,
                               "gen_tokens": queued.gen_tokens,
-                              "groups": [{k: grp[k] for k in ("uid", "version", "pred_class", "texts", "gen_tokens",
+                              "groups": [{k: grp[k] for k in ("key", "version", "pred_class", "texts", "gen_tokens",
                                                                  "gen_time", "reward_time")}
                                          for grp in queued.groups]}
         (tmp / "driver.json").write_text(json.dumps(meta, default=str))
@@ -242,7 +242,7 @@ def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) ->
         for k in ("completion_ids", "completion_mask", "logprobs", "j"):
             grp[k] = arrays[f"{i}/{k}"]
         groups.append(grp)
-    rows = shards.rows_by_uid(shards_dir, q["uids"], ["train"], cfg.data)
+    rows = shards.rows_by_key(shards_dir, q["keys"], ["train"], cfg.data)
     clips = {k: rows[k] for k in CLIP_KEYS}
     return state, Batch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
 

@@ -102,7 +102,7 @@ class RolloutWorker:
             gt, cls = sub["masks"][j], sub["class"][j]
             terms = [score(r.texts[k], masks[k], gt, cls, self.weights) for k in range(rows.start, rows.stop)]
             out.append({
-                "index": idx, "uid": sub["uid"][j], "version": self.version,
+                "index": idx, "key": sub["key"][j], "version": self.version,
                 "completion_ids": r.completion_ids[rows].cpu().numpy().astype(np.int32),
                 "completion_mask": r.completion_mask[rows].cpu().numpy().astype(np.int8),
                 "logprobs": r.logprobs[rows].float().cpu().numpy(),

@@ -1,4 +1,4 @@
-"""Reading the per-rank sample logs back: which uids each epoch trained on (for audits and tests).
+"""Reading the per-rank sample logs back: which rows (row keys) each epoch trained on (for audits and tests).
 
 A restart from a checkpoint rewrites the steps after it, so for every (rank, step) the record
 written last is the one whose gradient survived.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def committed_samples(stage_dir: Path) -> dict[int, Counter]:
-    """epoch -> Counter(uid -> times trained) over all ranks."""
+    """epoch -> Counter(row key -> times trained) over all ranks."""
     last: dict[tuple[str, int], dict] = {}
     for f in sorted((Path(stage_dir) / "sample_log").glob("rank*.jsonl")):
         for line in f.read_text().splitlines():
@@ -21,8 +21,8 @@ def committed_samples(stage_dir: Path) -> dict[int, Counter]:
                 last[(f.stem, rec["step"])] = rec
     out: dict[int, Counter] = defaultdict(Counter)
     for rec in last.values():
-        for uid, epoch in rec["rows"]:
-            out[epoch][uid] += 1
+        for key, epoch in rec["rows"]:
+            out[epoch][key] += 1
     return dict(out)
 
 

@@ -1,7 +1,7 @@
 """Training checkpoints without pickle: safetensors for tensors, JSON for everything else.
 
 A checkpoint directory holds the full (gathered) trainable parameters in fp32, Adam's moments,
-and ``state.json``: step, the uids already trained on in each unfinished epoch (the data
+and ``state.json``: step, the row keys already trained on in each unfinished epoch (the data
 position), the optimizer step count, the LR scheduler state and every rank's RNG states. Full
 tensors make a checkpoint independent of how ZeRO-3 partitioned them. DeepSpeed's own
 ``save_checkpoint`` is not used because its loader unpickles (``torch.load(weights_only=False)``).
@@ -29,7 +29,7 @@ CHECKPOINT_FORMAT = 1
 class TrainState:
     global_step: int = 0
     epochs_done: int = 0  # every row of the epochs before this one has been trained on
-    consumed: dict[str, list[str]] = field(default_factory=dict)  # epoch -> uids trained on, all ranks
+    consumed: dict[str, list[str]] = field(default_factory=dict)  # epoch -> row keys trained on, all ranks
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -4,8 +4,8 @@ Every epoch is its own dataset (``train_e<k>``: seeded block order, rows tagged 
 that Ray Train splits across the workers (``get_dataset_shard``). ZeRO-3 needs every rank to take the same number of steps, so each epoch is
 trimmed, by a seeded choice, to a multiple of workers x batch x accumulation rows (the left-out rows
 differ from epoch to epoch; the count is logged). Which rows a worker receives is decided by Ray
-Data's streaming split at run time, so the data position of a checkpoint is the *set* of uids
-already trained on in the current epoch. On resume, rank 0 writes that set to ``resume.json`` before
+Data's streaming split at run time, so the data position of a checkpoint is the *set* of row keys
+(unique even where the release repeats a uid) already trained on in the current epoch. On resume, rank 0 writes that set to ``resume.json`` before
 any worker starts reading, and the pipeline drops those rows before the split: the rest of every
 epoch is trained exactly once, whatever rank held which row before.
 """
@@ -19,28 +19,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from aurora_core.config import DataConfig
 from aurora_core.data import shards
 
 
-def split_uids(shards_dir: Path, split: str) -> list[str]:
-    files = shards.split_files(shards_dir, [split])
-    return pq.read_table(files, columns=["uid"])["uid"].to_pylist()
-
-
-def left_out(uids: list[str], multiple: int, seed: int, epoch: int) -> list[str]:
-    """The rows an epoch leaves out so that its size is a multiple of ``multiple`` (seeded)."""
-    extra = len(uids) % multiple
+def left_out(keys: list[str], multiple: int, seed: int, epoch: int) -> list[str]:
+    """The rows (keys) an epoch leaves out so that its size is a multiple of ``multiple`` (seeded)."""
+    extra = len(keys) % multiple
     if extra == 0:
         return []
     rng = np.random.default_rng([seed, epoch])
-    return sorted(uids[i] for i in rng.choice(len(uids), size=extra, replace=False))
+    return sorted(keys[i] for i in rng.choice(len(keys), size=extra, replace=False))
 
 
 class DropRows:
-    """Ray Data batch filter for one epoch: drops the epoch's left-out uids and, read from
+    """Ray Data batch filter for one epoch: drops the epoch's left-out row keys and, read from
     ``resume_file`` when the pipeline runs (so a worker-group restart sees the newest checkpoint),
     the rows already trained on; tags the rows with their epoch."""
 
@@ -50,7 +44,7 @@ class DropRows:
         self.epoch = epoch
 
     def _resumed(self) -> tuple[bool, set[str]]:
-        """(whole epoch done, uids of it done)"""
+        """(whole epoch done, row keys of it done)"""
         if not self.resume_file or not os.path.exists(self.resume_file):
             return False, set()
         state = json.loads(Path(self.resume_file).read_text())
@@ -64,7 +58,7 @@ class DropRows:
             batch = batch.slice(0, 0)
         drop = self.dropped | consumed
         if drop and batch.num_rows:
-            keep = pc.invert(pc.is_in(batch["uid"], value_set=pa.array(sorted(drop), type=pa.string())))
+            keep = pc.invert(pc.is_in(batch["key"], value_set=pa.array(sorted(drop), type=pa.string())))
             batch = batch.filter(keep)
         return batch.append_column("epoch", pa.array([self.epoch] * batch.num_rows, pa.int32()))
 
@@ -91,18 +85,18 @@ def epoch_pipeline(files: list[str], data: DataConfig, epoch: int, seed: int, dr
                        audio_seconds=data.audio_seconds))
 
 
-def train_datasets(files: list[str], uids: list[str], data: DataConfig, *, epochs: int, multiple: int, seed: int,
+def train_datasets(files: list[str], keys: list[str], data: DataConfig, *, epochs: int, multiple: int, seed: int,
                    resume_file: str | None, batch_size: int) -> dict:
     """One dataset per epoch, ``train_e<k>``, rows tagged with their epoch; epoch k leaves out
-    ``left_out(uids, multiple, seed, k)``. (A single union of all epochs would start one Ray Data
+    ``left_out(keys, multiple, seed, k)``. (A single union of all epochs would start one Ray Data
     execution instead of one per epoch, but its start-up grows with the epoch count and is slower.)"""
-    return {f"train_e{e}": epoch_pipeline(files, data, e, seed, left_out(uids, multiple, seed, e), resume_file,
+    return {f"train_e{e}": epoch_pipeline(files, data, e, seed, left_out(keys, multiple, seed, e), resume_file,
                                            batch_size, True) for e in range(epochs)}
 
 
-def val_dataset(files: list[str], uids: list[str], data: DataConfig, *, workers: int, seed: int, batch_size: int):
+def val_dataset(files: list[str], keys: list[str], data: DataConfig, *, workers: int, seed: int, batch_size: int):
     """The validation rows, trimmed (seeded) to a multiple of the workers so ZeRO-3 ranks stay in step."""
-    return epoch_pipeline(files, data, 0, seed, left_out(uids, workers, seed, 0), None, batch_size, False)
+    return epoch_pipeline(files, data, 0, seed, left_out(keys, workers, seed, 0), None, batch_size, False)
 
 
 def write_resume_file(path: Path, epochs_done: int, consumed: dict[str, list[str]]) -> None:

@@ -29,7 +29,7 @@ from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics
 from aurora_core.train import checkpoint as ckpt_io
 from aurora_core.train import engine as ds
-from aurora_core.train.data import split_uids, train_datasets, val_dataset, write_resume_file
+from aurora_core.train.data import train_datasets, val_dataset, write_resume_file
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class StageSpec:
     export_dir: str
     stage_dir: str  # checkpoints, logs and side files of this stage
     init: str | None = None  # export to start from; None: a fresh model from the config
-    distill: str | None = None  # Parquet uid -> teacher [SEG] embedding (SFT)
+    distill: str | None = None  # Parquet row key -> teacher [SEG] embedding (SFT)
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
@@ -79,7 +79,7 @@ def load_distill_targets(path: str) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
     t = pq.read_table(path)
-    return {u: np.asarray(e, dtype=np.float32) for u, e in zip(t["uid"].to_pylist(), t["embedding"].to_pylist())}
+    return {k: np.asarray(e, dtype=np.float32) for k, e in zip(t["key"].to_pylist(), t["embedding"].to_pylist())}
 
 
 def _seed(seed: int) -> None:
@@ -156,10 +156,10 @@ def train_worker(config: dict[str, Any]) -> None:
         dist.all_gather_object(gathered, consumed_local)
         merged = {k: list(v) for k, v in state.consumed.items()}
         for part in gathered:
-            for e, uids in part.items():
-                merged.setdefault(e, []).extend(uids)
+            for e, keys in part.items():
+                merged.setdefault(e, []).extend(keys)
         while len(merged.get(str(state.epochs_done), [])) >= rows_per_epoch:
-            merged.pop(str(state.epochs_done))  # a finished epoch needs no uid list
+            merged.pop(str(state.epochs_done))  # a finished epoch needs no key list
             state.epochs_done += 1
         state.consumed, state.metrics = merged, metrics
         consumed_local.clear()
@@ -182,13 +182,13 @@ def train_worker(config: dict[str, Any]) -> None:
             with torch.no_grad():
                 out = engine(inp)
                 t = loss_terms(out, inp, batch["masks"].to(device), st, None)
-            n = len(batch["uid"])
+            n = len(batch["key"])
             sums += torch.tensor([t["loss"].item() * n, t["lm"].item() * n, t["bce"].item() * n,
                                   t["dice"].item() * n, n], dtype=torch.float64)
             acc.update(out.mask_logits.flatten(0, 1).float().cpu(), batch["masks"].flatten(0, 1))
             if rank == 0 and len(overlays) < cfg.train.overlay_clips:
                 for i in range(min(n, cfg.train.overlay_clips - len(overlays))):
-                    overlays.append((batch["uid"][i], mask_overlay_png(batch["frames"][i], out.mask_logits[i].cpu(),
+                    overlays.append((batch["key"][i], mask_overlay_png(batch["frames"][i], out.mask_logits[i].cpu(),
                                                                       batch["masks"][i])))
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, (sums, acc))
@@ -200,8 +200,8 @@ def train_worker(config: dict[str, Any]) -> None:
         n = max(1.0, float(total[4]))
         m = {"val/loss": total[0] / n, "val/lm": total[1] / n, "val/bce": total[2] / n, "val/dice": total[3] / n,
              "val/J": merged.compute()["J"] if merged.num_frames else float("nan"), "val/rows": float(total[4])}
-        for uid, png in overlays:
-            logger.png(png, f"overlays/epoch{epoch}/{uid}.png")
+        for key, png in overlays:
+            logger.png(png, f"overlays/epoch{epoch}/{key}.png")
         engine.train()
         return {k: float(v) for k, v in m.items()}
 
@@ -217,16 +217,16 @@ def train_worker(config: dict[str, Any]) -> None:
             inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
             tt = None
             if teacher is not None:
-                missing = [u for u in batch["uid"] if u not in teacher]
+                missing = [k for k in batch["key"] if k not in teacher]
                 if missing:
                     raise KeyError(f"no teacher [SEG] embedding for {missing[:3]} in {spec.distill}")
-                tt = torch.tensor(np.stack([teacher[u] for u in batch["uid"]]), device=device)
+                tt = torch.tensor(np.stack([teacher[k] for k in batch["key"]]), device=device)
             out = engine(inp)
             t = loss_terms(out, inp, batch["masks"].to(device), st, tt)
             before = engine.global_steps
             engine.backward(t["loss"])
             engine.step()
-            pending += list(zip(batch["uid"], batch["epoch"].tolist()))
+            pending += list(zip(batch["key"], batch["epoch"].tolist()))
             step_sums += torch.tensor([t["loss"].item(), t["lm"].item(), t["bce"].item(), t["dice"].item(),
                                        t.get("distill", torch.zeros(())).item(),
                                        float((inp.labels != losses.IGNORE_INDEX).sum())], dtype=torch.float64)
@@ -235,8 +235,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 continue
             # ---- one optimizer step done
             state.global_step = engine.global_steps
-            for uid, e in pending:
-                consumed_local.setdefault(str(e), []).append(uid)
+            for key, e in pending:
+                consumed_local.setdefault(str(e), []).append(key)
             if sample_log is not None:
                 sample_log.write(json.dumps({"step": state.global_step, "rows": pending}) + "\n")
                 sample_log.flush()
@@ -310,20 +310,20 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     init_ray(cfg)
     w = cfg.train.num_workers
     multiple = w * st.batch_size * st.grad_accum
-    uids = split_uids(Path(spec.train_shards), "train")
-    steps_per_epoch = len(uids) // multiple
+    keys = shards.split_keys(Path(spec.train_shards), "train")
+    steps_per_epoch = len(keys) // multiple
     if steps_per_epoch == 0:
-        raise ValueError(f"{spec.stage}: the train split has {len(uids)} rows, fewer than workers x batch x "
+        raise ValueError(f"{spec.stage}: the train split has {len(keys)} rows, fewer than workers x batch x "
                          f"accumulation = {multiple}")
     train_files = shards.split_files(Path(spec.train_shards), ["train"])
     resume_file = str(Path(spec.stage_dir) / "resume.json")
-    datasets = train_datasets(train_files, uids, cfg.data, epochs=st.epochs, multiple=multiple, seed=cfg.run.seed,
+    datasets = train_datasets(train_files, keys, cfg.data, epochs=st.epochs, multiple=multiple, seed=cfg.run.seed,
                               resume_file=resume_file, batch_size=st.batch_size)
-    if len(uids) % multiple:
+    if len(keys) % multiple:
         log.info("%s: each epoch leaves out %d of %d train rows (a seeded choice per epoch) so that all %d "
-                 "workers take the same number of steps", spec.stage, len(uids) % multiple, len(uids), w)
-    val_uids = split_uids(Path(spec.val_shards), "val")
-    datasets["val"] = val_dataset(shards.split_files(Path(spec.val_shards), ["val"]), val_uids, cfg.data,
+                 "workers take the same number of steps", spec.stage, len(keys) % multiple, len(keys), w)
+    val_keys = shards.split_keys(Path(spec.val_shards), "val")
+    datasets["val"] = val_dataset(shards.split_files(Path(spec.val_shards), ["val"]), val_keys, cfg.data,
                                   workers=w, seed=cfg.run.seed, batch_size=st.batch_size)
     Path(spec.stage_dir).mkdir(parents=True, exist_ok=True)
     resources = {"CPU": cfg.train.cpus_per_worker}
