@@ -205,12 +205,19 @@ class StageConfig:
 
 
 @dataclass
-class ReflectConfig:
-    """Stage 2: which answers of the stage-1 model count as wrong, and the inference pool."""
+class ReflectStageConfig(StageConfig):
+    """Stage 2: training (as every stage) plus which answers of the stage-1 model count as wrong."""
 
-    iou_threshold: float = 0.5
-    inference_batch_size: int = 8
-    inference_actors: int = 1
+    iou_threshold: float = 0.5  # an answer whose masks have IoU below this is corrected
+
+
+@dataclass
+class InferenceConfig:
+    """The batch-inference pool inside the stages (a Ray Data actor pool over an export): the
+    teacher's [SEG] embeddings for SFT's distillation, the stage-1 model's answers for reflect."""
+
+    batch_size: int = 8
+    actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     max_new_tokens: int = 160
@@ -219,7 +226,7 @@ class ReflectConfig:
 
 @dataclass
 class GRPOConfig:
-    """Stage 3: GRPO with IoU-based rewards (DESIGN.md §2) on a rollout pool and a ZeRO-3 learner."""
+    """Stage 3: GRPO with format + class + IoU rewards on a rollout pool and a ZeRO-3 learner."""
 
     init: Optional[str] = None  # export to start from; default: <run>/exports/reflect
     steps: int = 20
@@ -227,7 +234,7 @@ class GRPOConfig:
     num_samples: int = 3  # G completions per prompt
     temperature: float = 1.0
     top_p: float = 0.9
-    max_new_tokens: int = 150
+    max_new_tokens: int = 160  # >= model.max_answer_tokens, validated
     # optimisation
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -239,8 +246,20 @@ class GRPOConfig:
     scale_rewards: bool = True  # divide advantages by the group std; false: Dr.GRPO
     adv_eps: float = 1e-4
     kl_coef: float = 0.0  # the paper's code declares beta=0.04 but leaves KL off
-    kl_estimator: str = "k3"  # k1 | k2 | k3, against the policy with its LoRA adapter disabled
-    mask_loss_weight: float = 1.0  # mask BCE*2 + Dice*0.5 on the rollouts, as the paper's code adds
+    kl_estimator: str = "k3"  # k1 | k2 | k3, against the reference = the export GRPO starts from
+    mask_loss_weight: float = 1.0  # x (bce_weight * BCE + dice_weight * Dice) on the rollouts, as the paper's code adds
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    # token_mean: policy (+KL) loss over every completion token of the step (DAPO); seq_mean: mean
+    # over each completion's tokens, then over completions (the original GRPO, AURORA's code)
+    loss_agg: str = "token_mean"
+    # completions cut by max_new_tokens before an end token: keep = scored and trained on like any
+    # other (they get format 0 and an empty mask); mask = left out of the policy/KL loss (DAPO's
+    # overlong filtering). Either way their fraction is logged (truncated_frac).
+    overlong: str = "keep"
+    # max_new_tokens below model.max_answer_tokens cuts rollouts before "It is [SEG]." and is
+    # rejected unless this is set (short smoke runs and tests only)
+    allow_truncation: bool = False
     # rewards
     reward_format: float = 1.0
     reward_class: float = 1.0
@@ -286,6 +305,9 @@ class GRPOConfig:
                f"grpo.weight_sync must be auto, broadcast or object_store, got {self.weight_sync!r}")
         _check(self.sync_timeout_s >= 1, "grpo.sync_timeout_s must be >= 1")
         _check(self.shuffle_buffer >= 0, "grpo.shuffle_buffer must be >= 0")
+        _check(self.loss_agg in ("token_mean", "seq_mean"), f"grpo.loss_agg must be token_mean or seq_mean, got {self.loss_agg!r}")
+        _check(self.overlong in ("keep", "mask"), f"grpo.overlong must be keep or mask, got {self.overlong!r}")
+        _check(self.warmup_steps >= 0, "grpo.warmup_steps must be >= 0")
 
 
 @dataclass
@@ -303,6 +325,10 @@ class EvalConfig:
     protocol: str = "official"
     protocol_batch_clips: int = 4  # the official loop's DataLoader(batch_size=4)
     score_size: int = 256  # masks are scored at score_size^2 (the official loader resizes to 256)
+    # an answer without [SEG]: empty = no prompt for the mask decoder, an empty mask (lowers J,
+    # flatters Null S); force = append "It is [SEG]." and decode the mask from that token, as
+    # AURORA's inference does. results.json counts such answers per split either way (no_seg_frac).
+    no_seg: str = "empty"
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in ("train", "val", "test_s", "test_u", "test_n")]
@@ -310,6 +336,7 @@ class EvalConfig:
         _check(self.protocol in ("official", "split"), f"eval.protocol must be official or split, got {self.protocol!r}")
         _check(self.protocol_batch_clips >= 1, "eval.protocol_batch_clips must be >= 1")
         _check(self.score_size >= 16, "eval.score_size must be >= 16")
+        _check(self.no_seg in ("empty", "force"), f"eval.no_seg must be empty or force, got {self.no_seg!r}")
 
 
 @dataclass
@@ -333,12 +360,19 @@ class AuroraConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: StageConfig = field(default_factory=StageConfig)
     sft: StageConfig = field(default_factory=lambda: StageConfig(distill_weight=1.0))
-    reflect: StageConfig = field(default_factory=StageConfig)
-    reflection: ReflectConfig = field(default_factory=ReflectConfig)
+    reflect: ReflectStageConfig = field(default_factory=ReflectStageConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        g, m = self.grpo, self.model
+        _check(g.max_new_tokens >= m.max_answer_tokens or g.allow_truncation,
+               f"grpo.max_new_tokens={g.max_new_tokens} is below model.max_answer_tokens={m.max_answer_tokens}: "
+               "rollouts would be cut before 'It is [SEG].' (format 0, empty masks); raise grpo.max_new_tokens "
+               "or set grpo.allow_truncation=true for a smoke run")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AuroraConfig:

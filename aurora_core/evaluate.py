@@ -30,11 +30,11 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
     t0 = time.time()
     ds = predict(cfg, model_dir, shards_dir, splits, "answer", actors=e.actors, batch_size=e.batch_size,
                  cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor, max_new_tokens=e.max_new_tokens,
-                 score_size=e.score_size)
+                 score_size=e.score_size, no_seg=e.no_seg)
     rows: list[dict[str, Any]] = []
     for r in ds.iter_rows():
         rows.append({k: r[k] for k in ("key", "line", "uid", "split", "class", "answer", "pred_class", "class_correct",
-                                       "well_formed", "iou", "metrics", "pred_masks")})
+                                       "well_formed", "has_seg", "iou", "metrics", "pred_masks")})
     rows.sort(key=lambda r: int(r["line"]))  # metadata order: the official protocol batches consecutive rows
     per_split, tables = {}, {}
     for s in splits:
@@ -45,11 +45,14 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
         both = {p: protocol_from_rows(accs, s, p, e.protocol_batch_clips) for p in PROTOCOLS}
         per_split[s] = {**both[e.protocol], **{p: both[p] for p in PROTOCOLS}, "rows": len(srows),
                         "class_acc": float(np.mean([r["class_correct"] for r in srows])),
-                        "format_rate": float(np.mean([r["well_formed"] for r in srows]))}
+                        "format_rate": float(np.mean([r["well_formed"] for r in srows])),
+                        # answers without [SEG]: empty masks (eval.no_seg=empty) or forced ones
+                        "no_seg_frac": float(np.mean([not r["has_seg"] for r in srows]))}
     for p in PROTOCOLS:
         tables[p] = refavs_table({s: m[p] for s, m in per_split.items()})
     table = tables[e.protocol]
-    result = {"model": str(model_dir), "name": name, "protocol": e.protocol, "splits": per_split, "table": table,
+    result = {"model": str(model_dir), "name": name, "protocol": e.protocol, "no_seg": e.no_seg,
+              "splits": per_split, "table": table,
               "tables": tables, "protocol_batch_clips": e.protocol_batch_clips, "score_size": e.score_size,
               "seconds": time.time() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)

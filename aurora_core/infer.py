@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class ExportPredictor:
     def __init__(self, export_dir: str, cfg: dict[str, Any], mode: str, max_new_tokens: int = 160,
-                 temperature: float = 0.0, seed: int = 0, score_size: int = 0):
+                 temperature: float = 0.0, seed: int = 0, score_size: int = 0, no_seg: str = "empty"):
         from aurora_core.model.build import load_export
 
         self.cfg = config_from_dict(cfg)
@@ -38,6 +38,7 @@ class ExportPredictor:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.score_size = score_size  # >0: metrics at this size against the batch's score_masks (evaluation)
+        self.no_seg = no_seg  # empty | force (eval.no_seg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False)
         self.model.to(self.device).eval()
@@ -64,9 +65,14 @@ class ExportPredictor:
             prompts, num_samples=1, temperature=self.temperature if sample else 1.0, top_p=1.0,
             max_new_tokens=self.max_new_tokens, eos_id=self.proc.eos_id, pad_id=self.proc.pad_id,
             suppress_ids=self.proc.suppress_ids, decode=self.proc.decode, do_sample=sample)
-        masks = r.mask_logits.float().cpu()
+        masks = r.mask_logits
+        if self.no_seg == "force":
+            suffix = self.proc.tok(" " + reasoning.ANSWER_SUFFIX, add_special_tokens=False).input_ids
+            masks = self.model.masks_with_forced_seg(prompts, r, suffix, self.proc.eos_id)
+        masks = masks.float().cpu()
         out: dict[str, list] = {k: [] for k in ("key", "line", "uid", "split", "class", "answer", "pred_class",
-                                                "class_correct", "well_formed", "iou", "metrics", "pred_masks")}
+                                                "class_correct", "well_formed", "has_seg", "iou", "metrics",
+                                                "pred_masks")}
         for i, text in enumerate(r.texts):
             p = reasoning.parse_answer(text)
             if self.score_size:  # as the official protocol scores: 256 x 256, its own ground-truth resize
@@ -84,6 +90,7 @@ class ExportPredictor:
             out["pred_class"].append(p.predicted_class or "")
             out["class_correct"].append(p.class_correct(b["class"][i]))
             out["well_formed"].append(p.well_formed)
+            out["has_seg"].append(bool(r.has_seg[i]))
             out["iou"].append(mask_iou(pred, gt))
             out["metrics"].append(json.dumps(acc.to_state()))
             fg = (torch.sigmoid(masks[i]) > 0.4).to(torch.uint8) * 255
@@ -97,7 +104,7 @@ class ExportPredictor:
 
 def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,
             actors: int, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
-            max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0):
+            max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0, no_seg: str = "empty"):
     """A lazy Ray Dataset of predictions for the rows of ``splits`` (in no particular order: each row
     carries its metadata ``line``). ``score_size``: per-row metrics as the official protocol scores."""
     from aurora_core.runtime import init_ray
@@ -110,7 +117,7 @@ def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs=dict(export_dir=str(export_dir), cfg=to_dict(cfg), mode=mode,
                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed,
-                                   score_size=score_size))
+                                   score_size=score_size, no_seg=no_seg))
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
@@ -123,9 +130,9 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
 
 def teacher_embeddings(cfg: AuroraConfig, teacher_dir: Path, shards_dir: Path, out: Path) -> int:
     """The frozen teacher's projected [SEG] embedding of every train row, saved as Parquet (key, embedding)."""
-    r = cfg.reflection
-    ds = predict(cfg, teacher_dir, shards_dir, ["train"], "seg_embedding", actors=r.inference_actors,
-                 batch_size=r.inference_batch_size, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor)
+    inf = cfg.inference
+    ds = predict(cfg, teacher_dir, shards_dir, ["train"], "seg_embedding", actors=inf.actors,
+                 batch_size=inf.batch_size, cpus_per_actor=inf.cpus_per_actor, gpus_per_actor=inf.gpus_per_actor)
     rows = [{"key": str(x["key"]), "embedding": np.asarray(x["embedding"], dtype=np.float32).tolist()}
             for x in ds.iter_rows()]
     write_table(rows, out)

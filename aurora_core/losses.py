@@ -1,6 +1,6 @@
 """The training losses of AURORA: LM cross-entropy, mask BCE + Dice, [SEG] feature distillation.
 
-Total (DESIGN.md §2): ``lm_weight * LM + bce_weight * BCE + dice_weight * Dice (+ distill_weight * MSE)``
+Total (AURORA; LISA's weights): ``lm_weight * LM + bce_weight * BCE + dice_weight * Dice (+ distill_weight * MSE)``
 with the paper's weights 1.0 / 2.0 / 0.5 as config defaults.
 """
 

@@ -1,6 +1,6 @@
 """The answer formats of AURORA and a total parser for them.
 
-Formats (DESIGN.md §2):
+Formats (the AURORA paper's answer structure):
 - prompt:        ``The reference is: {exp} Please segment the corresponding object in the images.``
 - structured CoT (stages 1-3): ``Step 1: <frames> Step 2: <audio> Step 3: <reference> Step 4: <match>
   The target is <class>. It is [SEG].`` (null: ``The target is none. It is [SEG].``)

@@ -131,7 +131,7 @@ def sft(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, An
 def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) -> dict[str, Any]:
     """Run the stage-1 model over the train split and write the stage-2 training set.
 
-    Wrong answers (class mismatch, or IoU under ``reflection.iou_threshold``) get the target
+    Wrong answers (class mismatch, or IoU under ``reflect.iou_threshold``) get the target
     ``<own reasoning> Wait, let me reconsider. <correct CoT>``; right ones keep the ground-truth CoT.
     Writes ``stages/reflect/shards`` (same schema, ``cot`` = the target) and ``answers.parquet``
     (row key, uid, the model's answer, class, IoU, corrected) for inspection.
@@ -146,12 +146,12 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
     from aurora_core.infer import predict, write_table
     from aurora_core.model.tokenizer import load_tokenizer
 
-    r = cfg.reflection
+    r, inf = cfg.reflect, cfg.inference
     out = layout.stage_dir("reflect") / "shards"
     t0 = time.time()
-    preds = predict(cfg, sft_dir, layout.shards, ["train"], "answer", actors=r.inference_actors,
-                    batch_size=r.inference_batch_size, cpus_per_actor=r.cpus_per_actor,
-                    gpus_per_actor=r.gpus_per_actor, max_new_tokens=r.max_new_tokens, temperature=r.temperature)
+    preds = predict(cfg, sft_dir, layout.shards, ["train"], "answer", actors=inf.actors,
+                    batch_size=inf.batch_size, cpus_per_actor=inf.cpus_per_actor,
+                    gpus_per_actor=inf.gpus_per_actor, max_new_tokens=inf.max_new_tokens, temperature=inf.temperature)
     answers = {}
     for row in preds.select_columns(["key", "answer", "pred_class", "class_correct", "iou", "well_formed"]).iter_rows():
         answers[row["key"]] = row
@@ -214,7 +214,7 @@ def reflect(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str
     else:
         counts = build_reflect_shards(cfg, sft_dir, layout)
     print(f"[reflect] stage-1 answers on {counts['rows']} train rows: {counts['corrected']} corrected "
-          f"(class wrong {counts['class_wrong']}, IoU < {cfg.reflection.iou_threshold} {counts['iou_low']}), "
+          f"(class wrong {counts['class_wrong']}, IoU < {cfg.reflect.iou_threshold} {counts['iou_low']}), "
           f"{counts['kept']} kept; class accuracy {counts['class_accuracy']:.3f}, mean IoU {counts['mean_iou']:.3f}")
     child = open_stage_run(tracker, parent, "reflect", cfg)
     RunLogger(tracker.uri if tracker.enabled else None, child).metrics(
@@ -281,7 +281,7 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
     if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
         cached = _json.loads(res.read_text())
         e = cfg.eval
-        if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached
+        if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached and cached.get("no_seg") == e.no_seg
                 and (cached.get("protocol_batch_clips"), cached.get("score_size")) == (e.protocol_batch_clips, e.score_size)):
             print(f"[eval] {name}: results at {res} are newer than the model: reused")
             cached.update(protocol=e.protocol, table=cached["tables"][e.protocol])

@@ -71,3 +71,13 @@ def test_weight_sync_mode_and_its_check():
     assert (sync_mode(forced.grpo), backend(forced.grpo)) == ("broadcast", "gloo")
     real = load_config(DEFAULT_CONFIG.parent / "qwen2.5-omni-7b.yaml")
     assert (sync_mode(real.grpo), backend(real.grpo)) == ("broadcast", "nccl")
+
+
+def test_grpo_length_limit_must_hold_the_answer():
+    with pytest.raises(ConfigError, match=r"grpo.max_new_tokens=150 is below model.max_answer_tokens=160"):
+        load_config(DEFAULT_CONFIG, ["grpo.max_new_tokens=150"])
+    cfg = load_config(DEFAULT_CONFIG, ["grpo.max_new_tokens=40", "grpo.allow_truncation=true"])
+    assert cfg.grpo.max_new_tokens == 40
+    for bad in ("grpo.loss_agg=sum", "grpo.overlong=drop", "eval.no_seg=maybe", "eval.protocol=mine"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(DEFAULT_CONFIG, [bad])

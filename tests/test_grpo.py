@@ -21,7 +21,7 @@ from conftest import ROOT, SMALL_DATA, decoded_rows
 
 pytestmark = pytest.mark.slow
 
-GRPO = ["grpo.max_new_tokens=24", "grpo.rollout_actors=2", "grpo.cpus_per_actor=0.5", "grpo.learner_cpus=0.5"]
+GRPO = ["grpo.max_new_tokens=24", "grpo.allow_truncation=true", "grpo.rollout_actors=2", "grpo.cpus_per_actor=0.5", "grpo.learner_cpus=0.5"]
 
 
 def cfg_for(root, shards_dir, *extra):
@@ -34,6 +34,19 @@ def init_export(small_cfg, tmp_path_factory):
     torch.manual_seed(0)
     model, proc = build_model(small_cfg.model, small_cfg.data)
     return save_export(model, proc, small_cfg.model, tmp_path_factory.mktemp("init") / "export")
+
+
+@pytest.fixture(scope="module")
+def trained_export(small_cfg, tmp_path_factory):
+    """An export whose adapter is not fresh: LoRA B != 0 (a fresh one is 0, which hides dropout's
+    effect on the ratio) and heads moved away from their initialisation, as after SFT."""
+    torch.manual_seed(1)
+    model, proc = build_model(small_cfg.model, small_cfg.data)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    return save_export(model, proc, small_cfg.model, tmp_path_factory.mktemp("trained") / "export")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +81,12 @@ def test_pool_versions_and_a_dying_actor(ray_session, small_shards, init_export,
         assert pool.replaced == 1
         G = cfg.grpo.num_samples
         for i, grp in got.items():
-            assert grp["index"] == i and grp["key"] == clips["key"][i] and grp["version"] == 1
-            assert grp["completion_ids"].shape == grp["logprobs"].shape and grp["completion_ids"].shape[0] == G
-            assert set(grp["rewards"]) == {"format", "class", "iou", "total"} and len(grp["texts"]) == G
+            assert grp.key == clips["key"][i] and grp.version == 1 and grp.num_samples == G
+            assert grp.completion_ids.shape == grp.logprobs.shape == grp.completion_mask.shape
+            assert set(grp.rewards) == {"format", "class", "iou", "total"} and len(grp.texts) == G
+            assert grp.truncated.shape == grp.has_seg.shape == (G,)
+            # 24 new tokens from an untrained model: cut by the limit, counted as such
+            assert grp.truncated[grp.completion_mask.sum(1) == cfg.grpo.max_new_tokens].all()
         # the replacement got the current weights before its first call
         assert ray.get(pool.actors[0].ready.remote()) == 1
     finally:
@@ -115,23 +131,107 @@ def test_dynamic_sampling_drops_and_refills(ray_session, small_shards, init_expo
     assert len(set(stream.state.consumed)) == 4  # the data position counts every drawn prompt
 
 
-def test_broadcast_sync_trains_like_the_object_store(ray_session, small_shards, init_export, tmp_path):
+def test_broadcast_sync_trains_like_the_object_store(ray_session, small_shards, trained_export, tmp_path):
     """Weights broadcast from learner rank 0 over the sync group (gloo here, NCCL on GPUs) reach the
     rollout actors exactly: two otherwise identical seeded runs log the same step-2 metrics, and those
-    depend on the step-1 update having arrived."""
+    depend on the step-1 update having arrived.
+
+    The same runs, from a trained adapter with KL on and no warm-up, show the GRPO invariants: before
+    the first update the step is on-policy (ratio 1, nothing clipped: no dropout in GRPO forwards),
+    KL to the reference (the export GRPO started from) is 0 and grows after updates, and the first
+    update trains at the full LR."""
+    from mlflow.tracking import MlflowClient
+
     extra = ["grpo.steps=2", "grpo.prompts_per_step=2", "grpo.checkpoint_every=10", "grpo.lr=5e-3",
-             f"grpo.init={init_export}"]
-    hist = {}
+             f"grpo.init={trained_export}", "grpo.kl_coef=0.1", "grpo.kl_estimator=k3", "grpo.warmup_steps=0",
+             "grpo.num_iterations=1"]
+    hist, runs = {}, {}
     for mode in ("object_store", "broadcast"):
         cfg = cfg_for(tmp_path / mode, small_shards, f"grpo.weight_sync={mode}", *extra)
         tracker = stages.tracker_for(cfg)
         hist[mode] = stages.grpo(cfg, tracker, tracker.parent("grpo", {}))["history"]
+        runs[mode] = (cfg, tracker)
     a, b = hist["object_store"], hist["broadcast"]
     assert [h["policy_version"] for h in b] == [1.0, 2.0]
-    for key in ("reward/total_mean", "J", "entropy", "loss/policy", "loss/mask", "completion_len"):
+    for key in ("reward/total_mean", "J", "entropy", "loss/policy", "loss/mask", "completion_len", "kl"):
         assert b[1][key] == pytest.approx(a[1][key], rel=1e-5, abs=1e-7), key
     # not vacuous: the step-1 update changed what step 2 samples from
     assert any(abs(a[1][k] - a[0][k]) > 1e-6 for k in ("entropy", "loss/mask"))
+
+    first = a[0]
+    assert abs(first["ratio_mean"] - 1) < 1e-4 and abs(first["ratio_max"] - 1) < 1e-3, first
+    assert abs(first["ratio_min"] - 1) < 1e-3 and first["clip_frac"] == 0.0, first
+    assert first["kl"] < 1e-6 and a[1]["kl"] > 10 * max(first["kl"], 1e-9), (first["kl"], a[1]["kl"])
+    assert first["lr"] == pytest.approx(5e-3)  # warmup_steps=0: the first update at full LR
+    cfg, tracker = runs["object_store"]
+    init_w, out_w = trainable_weights(trained_export, cfg), trainable_weights(stages.RunLayout(cfg).export("grpo"), cfg)
+    assert max((out_w[k] - init_w[k]).abs().max().item() for k in init_w) > 1e-4  # the updates trained
+    c = MlflowClient(tracking_uri=tracker.uri)
+    run = c.search_runs([c.get_experiment_by_name("aurora-tiny").experiment_id],
+                        filter_string="tags.`aurora.stage` = 'grpo'")[0]
+    for key in ("ratio_mean", "ratio_max", "ratio_min", "clip_frac", "kl", "truncated_frac", "no_seg_frac", "lr"):
+        assert [m.step for m in c.get_metric_history(run.info.run_id, key)] == [1, 2], key
+
+
+def trainable_weights(export, cfg) -> dict[str, torch.Tensor]:
+    from aurora_core.model.build import load_export
+
+    model, _, _ = load_export(export, cfg.data, trainable=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_shards, trained_export, clips, tmp_path):
+    """Every loss term is normalised by a global count: the same batch (completions with [SEG], so
+    the mask loss has a gradient; KL on) gives the same updated weights on 1 learner rank with 2
+    micro-batches and on 2 ranks with 1 each (fp32, gloo; tolerance 1e-5 against Adam's first-step
+    moves of ~lr = 5e-3, so a term counted K times, which flips the sign of mixed updates, shows)."""
+    import ray
+
+    from aurora_core.model.build import load_export
+    from aurora_core.rl.learner import LearnerGroup
+    from aurora_core.rl.trajectory import RolloutGroup
+
+    P, G = 2, 3
+    step_clips = {k: v[:P] for k, v in clips.items()}
+    _, proc, _ = load_export(trained_export, cfg_for(tmp_path, small_shards).data, trainable=False)
+    rng = np.random.default_rng(0)
+    groups = []
+    for i in range(P):
+        ids = [proc.answer_ids(step_clips["cot"][i])[: 30 + 5 * j] for j in range(G)]  # varied lengths
+        ids = [x[:-2] + [proc.seg_id, proc.eos_id] for x in ids]  # each ends in [SEG] + end token
+        c = max(map(len, ids))
+        comp = np.array([x + [proc.pad_id] * (c - len(x)) for x in ids], dtype=np.int32)
+        mask = np.array([[1] * len(x) + [0] * (c - len(x)) for x in ids], dtype=np.int8)
+        lp = (-rng.uniform(0.5, 3.0, size=(G, c)) * mask).astype(np.float32)
+        groups.append(RolloutGroup(
+            key=str(step_clips["key"][i]), version=0, completion_ids=comp, completion_mask=mask, logprobs=lp,
+            rewards={"total": rng.normal(size=G).astype(np.float32)}, j=np.zeros(G, np.float32),
+            truncated=np.zeros(G, bool), has_seg=np.ones(G, bool), pred_class=[""] * G, texts=[""] * G,
+            gen_tokens=int(mask.sum()), ref_logprobs=(lp - rng.uniform(0, 0.2, size=(G, c)) * mask).astype(np.float32)))
+    groups[1].truncated[2] = True  # grpo.overlong=mask leaves this completion out of the policy/KL terms
+    adv = rng.normal(size=(P, G)).astype(np.float32)
+    ref = ray.put(step_clips)
+    weights, metrics = {}, {}
+    for k in (1, 2):
+        cfg = cfg_for(tmp_path / f"k{k}", small_shards, f"grpo.learner_workers={k}", f"grpo.prompts_per_step={P}",
+                      "grpo.micro_batch=3", "grpo.kl_coef=0.1", "grpo.warmup_steps=0", "grpo.lr=5e-3",
+                      "grpo.mask_loss_weight=1.0", "grpo.overlong=mask")
+        learner = LearnerGroup(cfg, str(trained_export))
+        try:
+            init = ray.get(learner.gather_weights()[0])
+            metrics[k] = ray.get(learner.step(ref, groups, adv))[0]
+            weights[k] = ray.get(learner.gather_weights()[0])
+        finally:
+            learner.shutdown()
+    moved = max((weights[1][n] - init[n]).abs().max().item() for n in init)
+    diff = max((weights[1][n] - weights[2][n]).abs().max().item() for n in init)
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    for key in ("loss/policy", "loss/mask", "loss/total", "kl", "ratio_mean"):
+        assert metrics[1][key] == pytest.approx(metrics[2][key], rel=1e-5, abs=1e-7), key
+    assert metrics[1]["loss/mask"] > 0.01  # the mask term was on and is logged as optimised
+    tokens = sum(int(grp.completion_mask.sum()) for grp in groups)
+    assert metrics[1]["policy_tokens"] == metrics[2]["policy_tokens"] == tokens - int(groups[1].completion_mask[2].sum())
+    assert metrics[1]["loss/total"] == pytest.approx(metrics[1]["loss/policy"] + metrics[1]["loss/mask"], rel=1e-5)
 
 
 def test_broadcast_group_survives_a_replaced_rollout_actor(ray_session, small_shards, init_export, clips, tmp_path):
@@ -139,23 +239,23 @@ def test_broadcast_group_survives_a_replaced_rollout_actor(ray_session, small_sh
     group with it as a member."""
     import ray
 
-    from aurora_core.rl.driver import _sync_weights
     from aurora_core.rl.learner import LearnerGroup
     from aurora_core.rl.rollout import RolloutPool
+    from aurora_core.rl.weight_sync import WeightSync
 
     cfg = cfg_for(tmp_path, small_shards, "grpo.weight_sync=broadcast", f"grpo.init={init_export}")
     learner = LearnerGroup(cfg, str(init_export))
     pool = RolloutPool(cfg, str(init_export))
-    pool.weights_source = lambda version: learner.workers[0].weights_of.remote(version)
+    sync = WeightSync(cfg, learner, pool)
     try:
-        _sync_weights(cfg, learner, pool, 1)
+        sync.push(1)
         assert not pool.group_stale and ray.get([a.ready.remote() for a in pool.actors]) == [1, 1]
         victim = pool.actors[1]
         got = pool.generate(ray.put(clips), list(range(4)),
                             on_result=lambda done, total: done == 1 and ray.kill(victim))
-        assert sorted(got) == list(range(4)) and {g["version"] for g in got.values()} == {1}
+        assert sorted(got) == list(range(4)) and {g.version for g in got.values()} == {1}
         assert pool.replaced == 1 and pool.group_stale
-        _sync_weights(cfg, learner, pool, 2)  # rebuilt group: checksums of every member agree
+        sync.push(2)  # rebuilt group: checksums of every member agree
         assert ray.get([a.ready.remote() for a in pool.actors]) == [2, 2]
         with pytest.raises(ray.exceptions.RayTaskError, match="holds version 2"):
             ray.get(learner.workers[0].weights_of.remote(1))

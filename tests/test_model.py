@@ -170,3 +170,31 @@ def test_inspect_model_command(small_cfg, small_shards):
     for needle in ("sam.mask_decoder", "llm.audio_tower", "forward: tokens", "generate_with_masks: 4 samples",
                    "peak RSS"):
         assert needle in r.stdout
+
+
+def test_forced_seg_decodes_a_mask_where_the_answer_has_none(built, batch, small_cfg):
+    """eval.no_seg=force: an answer without [SEG] gets "It is [SEG]." appended and its masks are
+    decoded from that token, exactly as a teacher-forced forward of the extended answer would."""
+    from aurora_core.model.aurora import NO_SEG_LOGIT, Rollouts
+
+    model, proc = built
+    model.eval()
+    prompts = proc.prompt_batch(batch)
+    with_seg = proc.answer_ids(batch["cot"][1])
+    without = proc.answer_ids("Step 1: nothing.")
+    c = max(len(with_seg), len(without))
+    ids = torch.tensor([x + [proc.pad_id] * (c - len(x)) for x in (without, with_seg)])
+    mask = torch.tensor([[1] * len(x) + [0] * (c - len(x)) for x in (without, with_seg)])
+    two = prompts.rows(0, 2)
+    with torch.no_grad():
+        out, _ = model.forward_completions(two, ids, mask)
+    r = Rollouts(["", ""], ids, mask, torch.zeros(2, c), out.mask_logits, out.has_seg)
+    assert out.has_seg.tolist() == [False, True] and (out.mask_logits[0] == NO_SEG_LOGIT).all()
+    suffix = proc.tok(" It is [SEG].", add_special_tokens=False).input_ids
+    forced = model.masks_with_forced_seg(two, r, suffix, proc.eos_id)
+    assert torch.equal(forced[1], out.mask_logits[1])  # answers with [SEG] are untouched
+    full = torch.tensor([without[:-1] + suffix + [proc.eos_id]])
+    with torch.no_grad():
+        ref, _ = model.forward_completions(prompts.rows(0, 1), full, torch.ones_like(full))
+    assert ref.has_seg.all() and torch.allclose(forced[0], ref.mask_logits[0], atol=1e-5)
+    assert not (forced[0] == NO_SEG_LOGIT).all()

@@ -101,3 +101,38 @@ def test_kl_estimators():
 
 def test_entropy():
     assert grpo.entropy_per_token(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_loss_aggregation_token_and_sequence_mean_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    # token mean: (1 + 2 + 3 + 4) / 4 tokens; with a global count of 8 tokens, / 8
+    assert grpo.aggregate(per_token, mask, "token_mean").item() == pytest.approx(10 / 4)
+    assert grpo.aggregate(per_token, mask, "token_mean", num_tokens=8).item() == pytest.approx(10 / 8)
+    # sequence mean: (mean(1, 2, 3) + mean(4)) / 2 sequences; with 4 global sequences, / 4
+    assert grpo.aggregate(per_token, mask, "seq_mean").item() == pytest.approx((2 + 4) / 2)
+    assert grpo.aggregate(per_token, mask, "seq_mean", num_seqs=4).item() == pytest.approx((2 + 4) / 4)
+    with pytest.raises(ValueError, match="token_mean or seq_mean"):
+        grpo.aggregate(per_token, mask, "sum")
+
+
+def test_split_batches_aggregate_to_the_whole():
+    """Global counts make the sum of per-part losses equal the loss of the whole batch."""
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).long()
+    mask[:, 0] = 1
+    for how in ("token_mean", "seq_mean"):
+        whole = grpo.aggregate(per_token, mask, how)
+        parts = sum(grpo.aggregate(per_token[i:i + 2], mask[i:i + 2], how, float(mask.sum()), 6.0) for i in (0, 2, 4))
+        assert parts.item() == pytest.approx(whole.item(), rel=1e-6), how
+
+
+def test_lr_schedule_no_warmup_trains_from_the_first_step():
+    from aurora_core.train.zero3 import Optimization
+
+    flat = Optimization(1, 1, 1e-3, 0.0, warmup_steps=0, min_lr_ratio=1.0, total_steps=8)
+    assert flat.lr_factor(0) == 1.0 and flat.lr_factor(7) == 1.0
+    warm = Optimization(1, 1, 1e-3, 0.0, warmup_steps=2, min_lr_ratio=0.1, total_steps=12)
+    assert [warm.lr_factor(n) for n in (0, 1, 2)] == [0.5, 1.0, 1.0]  # the first update trains
+    assert warm.lr_factor(12) == pytest.approx(0.1) and 0.1 < warm.lr_factor(7) < 1.0

@@ -20,7 +20,7 @@ from aurora_core.metrics import SplitMetrics
 from aurora_core.model.build import build_model, is_export
 from aurora_core.train.audit import committed_samples, restarts
 from aurora_core.data.shards import split_keys
-from aurora_core.train.data import left_out
+from aurora_core.train.epochs import left_out
 from conftest import ROOT, SMALL_DATA, decoded_rows
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clips=1",
          "teacher.epochs=1", "sft.epochs=3", "sft.lr=5e-3",
          "sft.val_every_epochs=3", "reflect.epochs=1",
-         "reflection.max_new_tokens=40", "reflection.inference_batch_size=16"]
+         "inference.max_new_tokens=40", "inference.batch_size=16"]
 CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~150 train rows: 18 steps per epoch
-CHAIN_RL = ["grpo.steps=2", "grpo.max_new_tokens=40", "eval.max_new_tokens=60", "eval.overlays=1"]
+CHAIN_RL = ["grpo.steps=2", "grpo.max_new_tokens=40", "grpo.allow_truncation=true", "eval.max_new_tokens=60", "eval.overlays=1"]
 
 
 def cfg_for(root: Path, *extra: str):
@@ -146,6 +146,7 @@ def test_evaluation_results_and_table(chain):
             for p in ("official", "split"):
                 assert set(m[p]) == names and all(0.0 <= v <= 1.0 for v in m[p].values())
                 assert all(m[k] == m["official"][k] for k in names) and m["rows"] > 0
+            assert 0.0 <= m["no_seg_frac"] <= 1.0
         for p, t in res["tables"].items():
             assert t["Mix J"] == pytest.approx((t["Seen J"] + t["Unseen J"]) / 2)
             assert t["Null S"] == pytest.approx(res["splits"]["test_n"][p]["S"])

@@ -1,6 +1,6 @@
 """Reader for the official Ref-AVS release layout (GeWu-Lab, ECCV 2024), also written by our generator.
 
-Layout (DESIGN.md §3)::
+Layout (the official release, GeWu-Lab/Ref-AVS, as its loader reads it)::
 
     <root>/metadata.csv                             columns exactly vid,uid,split,fid,exp
     <root>/media/<folder>/frames/{0..N-1}.jpg       first frame of each 1-s snippet

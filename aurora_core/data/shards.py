@@ -283,7 +283,7 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
                frames=frames, masks=masks, audio=audio)
     if score_masks is not None:
         out["score_masks"] = score_masks
-    if "epoch" in batch:  # added by the training pipeline (aurora_core.train.data)
+    if "epoch" in batch:  # added by the training pipeline (aurora_core.train.epochs)
         out["epoch"] = np.asarray(batch["epoch"])
     return out
 

@@ -90,13 +90,6 @@ class AuroraModel(nn.Module):
         """The Qwen2.5-Omni thinker under any peft wrapping."""
         return self.llm.get_base_model() if self.has_lora else self.llm
 
-    def adapter_disabled(self):
-        """Context: the reference policy = the same weights without the LoRA adapter (GRPO KL)."""
-        if not self.has_lora:
-            raise RuntimeError("a KL reference needs LoRA (model.lora.enabled=true): without an adapter "
-                               "the policy has no frozen base to compare against")
-        return self.llm.disable_adapter()
-
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: ModelInputs, with_masks: bool = True, seg_from: int = 0) -> AuroraOutput:
         out = self.llm(**inputs.thinker_kwargs(), output_hidden_states=True, use_cache=False)
@@ -159,6 +152,22 @@ class AuroraModel(nn.Module):
         logprobs = token_logprobs(logits, comp, temperature if do_sample else 1.0) * comp_mask
         texts = [decode(row[m.bool()]) for row, m in zip(comp, comp_mask)]
         return Rollouts(texts, comp, comp_mask, logprobs, out.mask_logits, out.has_seg)
+
+    @torch.no_grad()
+    def masks_with_forced_seg(self, prompts: ModelInputs, r: Rollouts, suffix_ids: list[int], eos_id: int,
+                              num_samples: int = 1) -> torch.Tensor:
+        """``r.mask_logits`` where every answer without ``[SEG]`` gets ``suffix_ids`` (``It is [SEG].``)
+        appended and its masks decoded from that token, as AURORA's inference does (``eval.no_seg=force``).
+        ``prompts`` [B] are those of the generate call that produced ``r`` (B x num_samples rows)."""
+        masks = r.mask_logits.clone()
+        for i in (~r.has_seg).nonzero().flatten().tolist():
+            ids = r.completion_ids[i][r.completion_mask[i].bool()]
+            ids = ids[ids != eos_id]
+            full = torch.cat([ids, torch.tensor(suffix_ids + [eos_id], dtype=ids.dtype, device=ids.device)])[None]
+            j = i // num_samples
+            out, _ = self.forward_completions(prompts.rows(j, j + 1), full, torch.ones_like(full))
+            masks[i] = out.mask_logits[0].to(masks.dtype)
+        return masks
 
     def forward_completions(self, prompts: ModelInputs, completion_ids: torch.Tensor,
                             completion_mask: torch.Tensor, with_masks: bool = True

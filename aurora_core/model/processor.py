@@ -68,6 +68,14 @@ class ModelInputs:
                if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "pixel_values_videos"}
         return replace(self, **rep, pixel_values_videos=pv.repeat_interleave(g, 0).flatten(0, 1))
 
+    def rows(self, start: int, stop: int) -> ModelInputs:
+        """Samples ``start:stop`` (video patches are per-sample blocks of equal size)."""
+        b = self.batch_size
+        per = self.pixel_values_videos.shape[0] // b
+        kw = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)
+              if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "pixel_values_videos"}
+        return replace(self, **kw, pixel_values_videos=self.pixel_values_videos[start * per:min(stop, b) * per])
+
     def thinker_kwargs(self) -> dict[str, Any]:
         return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
                     input_features=self.input_features, feature_attention_mask=self.feature_attention_mask,

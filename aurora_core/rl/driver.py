@@ -27,7 +27,9 @@ from aurora_core.config import AuroraConfig
 from aurora_core.data import shards
 from aurora_core.data.atomic import staged_dir
 from aurora_core.rl import grpo
-from aurora_core.rl.weight_sync import backend, sync_mode
+from aurora_core.rl.learner import LearnerFailed, learner_call, learner_get
+from aurora_core.rl.trajectory import RolloutGroup, StepBatch
+from aurora_core.rl.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class PromptStream:
         self._rows = self._iter()
 
     def _iter(self) -> Iterator[dict[str, Any]]:
-        from aurora_core.train.data import epoch_pipeline
+        from aurora_core.train.epochs import epoch_pipeline
 
         first = True
         while True:
@@ -98,85 +100,78 @@ def select(clips: dict[str, np.ndarray], idx: list[int]) -> dict[str, np.ndarray
 
 # --------------------------------------------------------------------------- one batch of rollouts
 
-@dataclass
-class Batch:
-    clips: dict[str, np.ndarray]  # P prompts
-    groups: list[dict[str, Any]]  # one per prompt, "index" = row in clips
-    drawn: int  # prompts drawn for it (dynamic sampling draws more)
-    zero_var: int  # drawn groups without reward variance
-    gen_time: float  # wall time in the rollout pool
-    gen_tokens: int
-
-
-def collect(cfg: AuroraConfig, pool, stream: PromptStream) -> Batch:
-    """P groups of rollouts; with dynamic sampling, zero-variance groups are dropped and refilled."""
+def collect(cfg: AuroraConfig, pool, stream: PromptStream) -> StepBatch:
+    """P groups of rollouts (and, with KL on, their reference log-probs); with dynamic sampling,
+    zero-variance groups are dropped and refilled."""
     import ray
 
     g = cfg.grpo
     P = g.prompts_per_step
-    kept_clips: list[dict[str, np.ndarray]] = []
-    kept: list[dict[str, Any]] = []
-    spare: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []
+    kept: list[tuple[dict[str, np.ndarray], RolloutGroup]] = []
+    spare: list[tuple[dict[str, np.ndarray], RolloutGroup]] = []
     drawn = zero_var = tokens = 0
-    t_gen = 0.0
+    t_gen = t_ref = 0.0
     rounds = 0
+    first_ref = None
     while len(kept) < P:
         need = P - len(kept)
         clips = stream.take(need)
         drawn += need
         t0 = time.time()
-        results = pool.generate(ray.put(clips), list(range(need)))
+        ref = ray.put(clips)
+        first_ref = ref if rounds == 0 else None
+        results = pool.generate(ref, list(range(need)))
         t_gen += time.time() - t0
+        if pool.reference is not None:
+            t0 = time.time()
+            pool.reference_logprobs(ref, results)
+            t_ref += time.time() - t0
         for i in range(need):
             grp = results[i]
-            tokens += grp["gen_tokens"]
+            tokens += grp.gen_tokens
             flat = zero_variance(grp)
             zero_var += int(flat)
-            one = select(clips, [i])
-            if g.dynamic_sampling and flat:
-                spare.append((one, grp))
-            else:
-                kept_clips.append(one)
-                kept.append(grp)
+            (spare if g.dynamic_sampling and flat else kept).append((select(clips, [i]), grp))
         rounds += 1
         if g.dynamic_sampling and len(kept) < P and rounds > g.max_refill_rounds:
             log.warning("dynamic sampling: %d of %d groups have reward variance after %d rounds; "
                         "filling with zero-variance groups (no policy gradient from them)", len(kept), P, rounds)
-            for one, grp in spare[: P - len(kept)]:
-                kept_clips.append(one)
-                kept.append(grp)
+            kept += spare[: P - len(kept)]
             break
-    clips = {k: np.concatenate([c[k] for c in kept_clips]) for k in kept_clips[0]}
-    for i, grp in enumerate(kept):
-        grp["index"] = i
-    return Batch(clips, kept, drawn, zero_var, t_gen, tokens)
+    clips = {k: np.concatenate([c[k] for c, _ in kept]) for k in kept[0][0]}
+    # every drawn prompt kept, in order: the clips already in the object store serve the learner too
+    reuse = first_ref if drawn == P and rounds == 1 else None
+    return StepBatch(clips, [grp for _, grp in kept], drawn, zero_var, t_gen, tokens, ref_time=t_ref, clips_ref=reuse)
 
 
-def zero_variance(group: dict[str, Any]) -> bool:
-    return bool(grpo.zero_variance_groups(torch.from_numpy(group["rewards"]["total"])[None])[0])
+def zero_variance(group: RolloutGroup) -> bool:
+    return bool(grpo.zero_variance_groups(torch.tensor(group.rewards["total"])[None])[0])
 
 
-def batch_advantages(cfg: AuroraConfig, groups: list[dict[str, Any]]) -> np.ndarray:
-    rewards = torch.from_numpy(np.stack([grp["rewards"]["total"] for grp in groups]))
+def batch_advantages(cfg: AuroraConfig, groups: list[RolloutGroup]) -> np.ndarray:
+    rewards = torch.from_numpy(np.stack([grp.rewards["total"] for grp in groups]))
     return grpo.group_advantages(rewards, cfg.grpo.scale_rewards, cfg.grpo.adv_eps).numpy()
 
 
-def batch_metrics(batch: Batch, adv: np.ndarray) -> dict[str, float]:
+def batch_metrics(batch: StepBatch, adv: np.ndarray) -> dict[str, float]:
     m: dict[str, float] = {}
-    for term in batch.groups[0]["rewards"]:
-        v = np.concatenate([grp["rewards"][term] for grp in batch.groups])
+    for term in batch.groups[0].rewards:
+        v = np.concatenate([grp.rewards[term] for grp in batch.groups])
         m[f"reward/{term}_mean"], m[f"reward/{term}_std"] = float(v.mean()), float(v.std())
     m["iou"] = m["reward/iou_mean"]
-    m["J"] = float(np.concatenate([grp["j"] for grp in batch.groups]).mean())
+    m["J"] = float(np.concatenate([grp.j for grp in batch.groups]).mean())
     m["format_rate"] = m["reward/format_mean"]
     classes = batch.clips["class"]
-    m["class_acc"] = float(np.mean([p == classes[grp["index"]] for grp in batch.groups for p in grp["pred_class"]]))
+    m["class_acc"] = float(np.mean([p == classes[i] for i, grp in enumerate(batch.groups) for p in grp.pred_class]))
+    # completions cut by grpo.max_new_tokens, and answers without [SEG] (empty masks): never silent
+    m["truncated_frac"] = float(np.concatenate([grp.truncated for grp in batch.groups]).mean())
+    m["no_seg_frac"] = float(1.0 - np.concatenate([grp.has_seg for grp in batch.groups]).mean())
     m["zero_variance_frac"] = batch.zero_var / max(1, batch.drawn)
     m["prompts_drawn"] = float(batch.drawn)
     m.update({"adv/mean": float(adv.mean()), "adv/std": float(adv.std()), "adv/min": float(adv.min()),
               "adv/max": float(adv.max())})
     m["gen_tokens_per_s"] = batch.gen_tokens / max(batch.gen_time, 1e-9)
-    m["completion_len"] = batch.gen_tokens / max(1, sum(len(grp["texts"]) for grp in batch.groups))
+    m["completion_len"] = batch.gen_tokens / max(1, sum(grp.num_samples for grp in batch.groups))
     return m
 
 
@@ -197,33 +192,26 @@ def _rng_state() -> dict[str, Any]:
     return rng_state()
 
 
-def save_checkpoint(cfg: AuroraConfig, learner, state: DriverState, queued: Batch | None) -> Path:
+def save_checkpoint(cfg: AuroraConfig, learner, state: DriverState, queued: StepBatch | None) -> Path:
     out = checkpoints_dir(cfg) / f"step_{state.step:06d}"
     with staged_dir(out) as tmp:
         learner.call("save", str(tmp), state.step)
         state.rng = _rng_state()
         meta = {"state": asdict(state), "queued": None}
         if queued is not None:
-            arrays = {}
-            for i, grp in enumerate(queued.groups):
-                for k in ("completion_ids", "completion_mask", "logprobs", "j"):
-                    arrays[f"{i}/{k}"] = np.ascontiguousarray(grp[k])
-                for k, v in grp["rewards"].items():
-                    arrays[f"{i}/rewards/{k}"] = np.ascontiguousarray(v)
+            arrays = {f"{i}/{k}": np.ascontiguousarray(v) for i, grp in enumerate(queued.groups)
+                      for k, v in grp.arrays().items()}
             save_np(arrays, str(tmp / "queued.safetensors"))
             meta["queued"] = {"keys": [str(k) for k in queued.clips["key"]], "drawn": queued.drawn,
                               "zero_var": queued.zero_var, "gen_time": queued.gen_time,
-                              "gen_tokens": queued.gen_tokens,
-                              "groups": [{k: grp[k] for k in ("key", "version", "pred_class", "texts", "gen_tokens",
-                                                                 "gen_time", "reward_time")}
-                                         for grp in queued.groups]}
+                              "gen_tokens": queued.gen_tokens, "groups": [grp.meta() for grp in queued.groups]}
         (tmp / "driver.json").write_text(json.dumps(meta, default=str))
     for old in sorted(p for p in checkpoints_dir(cfg).glob("step_*") if p.is_dir())[: -cfg.grpo.num_to_keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
 
-def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) -> tuple[DriverState, Batch | None]:
+def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) -> tuple[DriverState, StepBatch | None]:
     from aurora_core.train.checkpoint import set_rng_state
 
     meta = json.loads((path / "driver.json").read_text())
@@ -235,23 +223,14 @@ def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) ->
     if not q:
         return state, None
     arrays = load_np(str(path / "queued.safetensors"))
-    groups = []
-    for i, info in enumerate(q["groups"]):
-        grp = dict(info, index=i, rewards={k.split("/")[-1]: v for k, v in arrays.items()
-                                            if k.startswith(f"{i}/rewards/")})
-        for k in ("completion_ids", "completion_mask", "logprobs", "j"):
-            grp[k] = arrays[f"{i}/{k}"]
-        groups.append(grp)
+    groups = [RolloutGroup.restore(info, {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")})
+              for i, info in enumerate(q["groups"])]
     rows = shards.rows_by_key(shards_dir, q["keys"], ["train"], cfg.data)
     clips = {k: rows[k] for k in CLIP_KEYS}
-    return state, Batch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
+    return state, StepBatch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
 
 
 # --------------------------------------------------------------------------- the loop
-
-class LearnerFailed(RuntimeError):
-    """A learner worker (or a member of the weight-sync group) died: the loop restarts from a checkpoint."""
-
 
 def run(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path, logger) -> dict[str, Any]:
     """The loop, restarted from the newest checkpoint when a learner worker dies (at most
@@ -290,10 +269,9 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
         state, queued = load_checkpoint(cfg, ckpt, learner, shards_dir)
         log.info("resumed GRPO from %s (step %d)", ckpt, state.step)
     pool = RolloutPool(cfg, str(init))
-    if sync_mode(g) == "broadcast":
-        pool.weights_source = lambda version: learner.workers[0].weights_of.remote(version)
+    sync = WeightSync(cfg, learner, pool)
     if state.step > 0:
-        _sync_weights(cfg, learner, pool, state.step)
+        sync.push(state.step)
     stream = PromptStream(cfg, shards_dir, state)
     print(f"[grpo] learner x{g.learner_workers}, rollout actors x{g.rollout_actors}, ready in {time.time() - t0:.0f}s; "
           f"steps {state.step + 1}..{g.steps}, {g.prompts_per_step} prompts x {g.num_samples} samples"
@@ -308,7 +286,7 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
             queued = None
             t_gen_wall = time.time() - t_step
             adv = batch_advantages(cfg, batch.groups)
-            clips_ref = ray.put(batch.clips)
+            clips_ref = batch.clips_ref if batch.clips_ref is not None else ray.put(batch.clips)
             t_learn = time.time()
             step_refs = learner.step(clips_ref, batch.groups, adv)
             # one-step off-policy: the next batch is generated (by the current weights) meanwhile
@@ -317,7 +295,7 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
             if g.async_rollouts and state.step + 1 < g.steps:
                 worker = threading.Thread(target=lambda: nxt.setdefault("batch", collect(cfg, pool, stream)))
                 worker.start()
-            learn = _learner_get(step_refs)[0]
+            learn = learner_get(step_refs)[0]
             t_learn = time.time() - t_learn
             overlap = 0.0
             if worker is not None:
@@ -326,14 +304,15 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
                 overlap = time.time() - t_join
                 queued = nxt["batch"]
             t_sync = time.time()
-            _sync_weights(cfg, learner, pool, state.step + 1)
+            sync.push(state.step + 1)
             t_sync = time.time() - t_sync
             state.step += 1
             wall = time.time() - t_step
             metrics = {**batch_metrics(batch, adv), **learn}
-            reward_time = sum(grp["reward_time"] for grp in batch.groups) / max(1, g.rollout_actors)
+            reward_time = sum(grp.reward_time for grp in batch.groups) / max(1, g.rollout_actors)
             compute = t_gen_wall + learn["learner_time_s"] + overlap
             metrics.update({"time/step_s": wall, "time/generate_s": batch.gen_time, "time/reward_s": reward_time,
+                            "time/reference_s": batch.ref_time,
                             "time/learner_s": learn["learner_time_s"], "time/sync_s": t_sync,
                             "time/wait_next_batch_s": overlap,
                             "time/idle_s": max(0.0, wall - compute - t_sync), "policy_version": float(state.step),
@@ -343,71 +322,17 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
             print(f"[grpo] step {state.step}/{g.steps} reward {metrics['reward/total_mean']:.3f} "
                   f"(format {metrics['reward/format_mean']:.2f} class {metrics['reward/class_mean']:.2f} "
                   f"iou {metrics['reward/iou_mean']:.3f}) J {metrics['J']:.3f} kl {metrics['kl']:.4f} "
-                  f"clip {metrics['clip_frac']:.3f} zero-var {metrics['zero_variance_frac']:.2f} | "
+                  f"ratio {metrics['ratio_mean']:.4f} clip {metrics['clip_frac']:.3f} "
+                  f"cut {metrics['truncated_frac']:.2f} no-seg {metrics['no_seg_frac']:.2f} "
+                  f"zero-var {metrics['zero_variance_frac']:.2f} | "
                   f"gen {batch.gen_time:.1f}s learn {learn['learner_time_s']:.1f}s sync {t_sync:.2f}s "
                   f"{metrics['gen_tokens_per_s']:.0f} tok/s", flush=True)
             if state.step % g.checkpoint_every == 0 or state.step == g.steps:
-                _learner_call(save_checkpoint, cfg, learner, state, queued)
-        _learner_call(learner.call, "export", str(out), {"stage": "grpo", "global_step": state.step,
+                learner_call(save_checkpoint, cfg, learner, state, queued)
+        learner_call(learner.call, "export", str(out), {"stage": "grpo", "global_step": state.step,
                                                          "metrics": metrics})
     finally:
         stream.close()
         pool.shutdown()
         learner.shutdown()
     return {**metrics, "history": history}
-
-
-def _sync_weights(cfg: AuroraConfig, learner, pool, version: int) -> None:
-    """Gather the trainable weights once (a collective over the learner ranks), then either broadcast
-    them from learner rank 0 to every rollout actor, or leave them in the object store (rank 0's return
-    value: not copied into the driver) and point every rollout actor at them."""
-    import ray
-
-    if sync_mode(cfg.grpo) == "broadcast":
-        if pool.group_stale:
-            _open_sync_group(cfg, learner, pool)
-        refs = learner.broadcast_weights(version)
-        received = _learner_call(pool.receive, version)  # a member lost mid-broadcast: restart too
-        sent = _learner_get(refs)[0]
-        bad = [i for i, d in enumerate(received) if abs(d - sent) > 1e-9 * max(1.0, abs(sent))]
-        if bad:
-            raise RuntimeError(f"weight broadcast of version {version} arrived corrupted at rollout actor(s) "
-                               f"{bad} (checksum {[received[i] for i in bad]} != {sent})")
-        return
-    refs = learner.gather_weights()
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
-    _learner_get(refs[1:])  # ranks > 0 return None; raises if one died
-    _learner_call(pool.push, refs[0], version)
-
-
-def _open_sync_group(cfg: AuroraConfig, learner, pool) -> None:
-    """(Re)build the broadcast group: learner rank 0 + the current rollout actors, on a fresh port."""
-    g = cfg.grpo
-    rank0 = learner.workers[0]
-    host, port = _learner_get([rank0.address.remote()])[0]
-    manifest = _learner_get([rank0.sync_manifest.remote()])[0]
-    t0 = time.time()
-    first = rank0.open_sync_group.remote(host, port, len(pool.actors) + 1, backend(g), g.sync_timeout_s)
-    members = pool.open_group(host, port, backend(g), g.sync_timeout_s, manifest)
-    gpus = _learner_get([first, *members])
-    if backend(g) == "nccl" and len(set(gpus)) < len(gpus):
-        raise ValueError("grpo.weight_sync=broadcast over NCCL needs learner rank 0 and every rollout actor "
-                         "on a GPU of its own (some share one); use whole grpo.gpus_per_actor or "
-                         "grpo.weight_sync=object_store")
-    log.info("weight-sync group (%s) of %d members open in %.1fs", backend(g), len(gpus), time.time() - t0)
-
-
-def _learner_get(refs: list) -> list:
-    import ray
-
-    return _learner_call(ray.get, refs)
-
-
-def _learner_call(fn, *args):
-    """Run a learner interaction; a dead learner actor becomes LearnerFailed (the loop restarts)."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    try:
-        return fn(*args)
-    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-        raise LearnerFailed("learner worker died") from e

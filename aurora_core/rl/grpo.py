@@ -2,10 +2,14 @@
 
 - advantages: per group of G samples of one prompt, ``(r - mean) / (std + eps)``; Dr.GRPO drops the
   std division (``scale_rewards=False``)
-- policy loss: clipped surrogate on per-token ratios ``exp(logp - logp_old)``, clip range
-  ``[1 - eps, 1 + eps_high]``, token-mean over every completion token of the batch
-- KL to the reference (the policy with its LoRA adapter disabled), per token: k1 = log r,
-  k2 = (log r)^2 / 2, k3 = r - 1 - log r with r = p_ref / p (Schulman's estimators, k3 unbiased, >= 0)
+- per-token loss: clipped surrogate on ratios ``exp(logp - logp_old)``, clip range
+  ``[1 - eps, 1 + eps_high]``, plus ``beta * KL`` to the reference (the policy GRPO started from),
+  per token: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r with r = p_ref / p (Schulman's
+  estimators, k3 unbiased, >= 0)
+- aggregation (:func:`aggregate`): ``token_mean`` = sum over every completion token of the step's
+  batch / its token count (DAPO, Dr.GRPO); ``seq_mean`` = mean over each completion's tokens, then
+  over completions (the original GRPO, AURORA's code). Both divide by *global* counts, so the update
+  does not depend on how the batch is split over learner ranks and micro-batches.
 """
 
 from __future__ import annotations
@@ -38,27 +42,44 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
+                      clip_eps_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)``. logp/old_logp [N, C]; advantages [N].
+    Returns (loss per token, ratio, was-clipped) all [N, C]."""
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None].to(logp.dtype)
+    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi) * adv)
+    with torch.no_grad():
+        was_clipped = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + hi) & (adv > 0))
+    return per_token, ratio, was_clipped
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", num_tokens: float | None = None,
+              num_seqs: float | None = None) -> torch.Tensor:
+    """Reduce a [N, C] per-token loss over ``mask``: ``token_mean`` sums and divides by ``num_tokens``
+    (default: this batch's), ``seq_mean`` averages each row over its tokens and divides the sum of rows
+    by ``num_seqs`` (default: N). Give the global counts when the batch is split."""
+    mask = mask.to(per_token.dtype)
+    if how == "token_mean":
+        n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype)
+        return (per_token * mask).sum() / n.clamp(min=1.0)
+    if how == "seq_mean":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        n = per_token.shape[0] if num_seqs is None else num_seqs
+        return per_seq.sum() / max(1.0, float(n))
+    raise ValueError(f"unknown loss aggregation {how!r}; token_mean or seq_mean")
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_eps: float, clip_eps_high: float | None = None, num_tokens: float | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate. logp/old_logp/mask [N, C]; advantages [N] (one per sequence).
-
-    Returns the loss summed over tokens / ``num_tokens`` (default: this batch's token count; give the
-    global count when the batch is split across micro-batches or workers) and diagnostics.
-    """
-    hi = clip_eps if clip_eps_high is None else clip_eps_high
-    mask = mask.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages[:, None].to(logp.dtype)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + hi) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    n = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=logp.dtype)
-    loss = (per_token * mask).sum() / n.clamp(min=1.0)
-    with torch.no_grad():
-        was_clipped = ((ratio < 1.0 - clip_eps) & (adv < 0)) | ((ratio > 1.0 + hi) & (adv > 0))
-        stats = {"clip_frac_sum": (was_clipped.to(logp.dtype) * mask).sum(), "tokens": mask.sum(),
-                 "ratio_sum": (ratio * mask).sum()}
+    """Token-mean clipped surrogate (see :func:`clipped_surrogate`, :func:`aggregate`) and diagnostics."""
+    per_token, ratio, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps, clip_eps_high)
+    loss = aggregate(per_token, mask, "token_mean", num_tokens)
+    m = mask.to(logp.dtype)
+    stats = {"clip_frac_sum": (clipped.to(logp.dtype) * m).sum(), "tokens": m.sum(),
+             "ratio_sum": (ratio.detach() * m).sum()}
     return loss, stats
 
 

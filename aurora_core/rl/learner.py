@@ -8,10 +8,13 @@ exchange would need queues around it. Actors give the driver a call per step (``
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +22,29 @@ import numpy as np
 import torch
 
 from aurora_core import losses
-from aurora_core.config import StageConfig
+from aurora_core.model.aurora import token_logprobs
+from aurora_core.model.processor import ModelInputs
 from aurora_core.rl import grpo
+from aurora_core.rl.trajectory import RolloutGroup
 
 log = logging.getLogger(__name__)
 
 
-def learner_stage_config(g) -> StageConfig:
-    """The DeepSpeed settings of the learner, in the shape the shared engine code takes."""
-    per_worker = g.prompts_per_step // g.learner_workers * g.num_samples
-    return StageConfig(epochs=1, batch_size=g.micro_batch, grad_accum=per_worker // g.micro_batch, lr=g.lr,
-                       weight_decay=g.weight_decay, warmup_steps=g.warmup_steps, min_lr_ratio=1.0)
+@dataclass
+class LearnerBatch:
+    """One rank's share of a step, padded and repeated, with the global counts the losses divide by."""
+
+    prompts: ModelInputs  # [n] each prompt repeated G times (n = this rank's completions)
+    completion_ids: torch.Tensor  # [n, C] long, pad_id after the end token
+    completion_mask: torch.Tensor  # [n, C] long, 1 on generated tokens
+    policy_mask: torch.Tensor  # [n, C] long, the tokens of the policy/KL terms (grpo.overlong)
+    old_logprobs: torch.Tensor  # [n, C] float32, under the sampling policy
+    ref_logprobs: torch.Tensor | None  # [n, C] float32, under the reference policy (KL on)
+    advantages: torch.Tensor  # [n] float32
+    masks_gt: torch.Tensor  # [n, T, S, S] ground-truth masks of each completion's clip
+    global_tokens: float  # policy tokens over all ranks
+    global_seqs: float  # completions with at least one policy token, over all ranks
+    global_samples: float  # completions over all ranks (the mask loss's mean)
 
 
 class LearnerWorker:
@@ -55,7 +70,7 @@ class LearnerWorker:
         import torch.distributed as dist
 
         from aurora_core.model.build import load_export
-        from aurora_core.train import engine as ds
+        from aurora_core.train import zero3
 
         g = self.cfg.grpo
         gpu = torch.cuda.is_available() and g.use_gpu
@@ -66,97 +81,153 @@ class LearnerWorker:
                                 rank=self.rank, world_size=self.world)
         torch.manual_seed(self.cfg.run.seed * 100 + self.rank)
         model, self.proc, _ = load_export(self.init_export, self.cfg.data, trainable=True)
-        if g.kl_coef > 0 and not model.has_lora:
-            raise ValueError("grpo.kl_coef > 0 needs a LoRA model: the reference is the policy with its "
-                             "adapter disabled")
         model.to(self.device)
-        self.st = learner_stage_config(g)
-        self.engine, self.scheduler = ds.initialize(
-            model, ds.deepspeed_config(g.deepspeed_config, self.st, g.steps * g.num_iterations, bf16=gpu))
+        opt = zero3.Optimization.for_grpo(g)
+        self.engine, self.scheduler = zero3.initialize(model, zero3.deepspeed_config(g.deepspeed_config, opt, gpu), opt)
+        # GRPO's forwards run without dropout (peft's LoRA dropout included), as the rollout actors
+        # do: an on-policy ratio exp(logp - logp_old) is then exactly 1 before the first update, and
+        # clipping never fires on noise. The SFT stages keep train mode.
+        self.engine.eval()
         self.dtype = torch.bfloat16 if gpu else torch.float32
         return self.rank
 
     # ------------------------------------------------------------------ a step
-    def step(self, clips: dict[str, Any], groups: list[dict[str, Any]], advantages: np.ndarray) -> dict[str, float]:
-        """One GRPO update on this rank's groups. ``advantages`` [len(groups), G]."""
+    def step(self, clips: dict[str, np.ndarray], rows: tuple[int, int], groups: list[RolloutGroup],
+             advantages: np.ndarray) -> dict[str, float]:
+        """One GRPO update on this rank's share of the step: rows ``rows[0]:rows[1]`` of the step's
+        ``clips`` (read in place from the object store), aligned with ``groups``; ``advantages``
+        [len(groups), G]. Returns the step's metrics, reduced over the ranks."""
+        t0 = time.time()
+        lr = float(self.scheduler.get_last_lr()[0])  # the LR this step's update uses
+        batch = self._prepare({k: v[rows[0]:rows[1]] for k, v in clips.items()}, groups, advantages)
+        sums, extremes = self._update(batch)
+        return self._metrics(sums, extremes, batch, lr, t0)
+
+    def _prepare(self, clips: dict[str, np.ndarray], groups: list[RolloutGroup], advantages: np.ndarray
+                 ) -> LearnerBatch:
+        """Pad the groups' completions to one width, repeat each prompt G times, and count the global
+        tokens / completions / samples every loss term is divided by."""
         import torch.distributed as dist
 
         from aurora_core.data.shards import collate
 
         g = self.cfg.grpo
         G = g.num_samples
-        t0 = time.time()
-        idx = [grp["index"] for grp in groups]
-        sub = collate({k: v[idx] for k, v in clips.items()})
-        c = max(grp["completion_ids"].shape[1] for grp in groups)
+        sub = collate(clips)
+        c = max(grp.completion_ids.shape[1] for grp in groups)
 
-        def pad(a, value):
-            return np.pad(a, ((0, 0), (0, c - a.shape[1])), constant_values=value)
+        def cat(field: str, value, dtype) -> torch.Tensor:
+            arrs = [getattr(grp, field) for grp in groups]
+            return torch.from_numpy(np.concatenate([np.pad(a, ((0, 0), (0, c - a.shape[1])), constant_values=value)
+                                                    for a in arrs])).to(dtype)
 
-        comp = torch.from_numpy(np.concatenate([pad(x["completion_ids"], self.proc.pad_id) for x in groups])).long()
-        cmask = torch.from_numpy(np.concatenate([pad(x["completion_mask"], 0) for x in groups])).long()
-        old = torch.from_numpy(np.concatenate([pad(x["logprobs"], 0.0) for x in groups])).float()
-        adv = torch.from_numpy(np.asarray(advantages, dtype=np.float32).reshape(-1))
-        masks_gt = sub["masks"].repeat_interleave(G, 0)
-        prompts = self.proc.prompt_batch(sub).repeat_interleave(G)
-        n = comp.shape[0]
-        mb = g.micro_batch
-        tokens = torch.tensor([float(cmask.sum())], dtype=torch.float64)
-        dist.all_reduce(tokens)
-        global_tokens = float(tokens.item())
-        sums = torch.zeros(7, dtype=torch.float64)
+        cmask = cat("completion_mask", 0, torch.long)
+        truncated = torch.from_numpy(np.concatenate([grp.truncated for grp in groups]))
+        # DAPO's overlong filtering: completions cut by the length limit leave the policy and KL terms
+        pmask = cmask * (~truncated)[:, None].long() if g.overlong == "mask" else cmask
+        counts = torch.tensor([float(pmask.sum()), float((pmask.sum(1) > 0).sum()), float(cmask.shape[0])],
+                              dtype=torch.float64)
+        dist.all_reduce(counts)
+        return LearnerBatch(
+            prompts=self.proc.prompt_batch(sub).repeat_interleave(G),
+            completion_ids=cat("completion_ids", self.proc.pad_id, torch.long), completion_mask=cmask,
+            policy_mask=pmask, old_logprobs=cat("logprobs", 0.0, torch.float32),
+            ref_logprobs=cat("ref_logprobs", 0.0, torch.float32) if g.kl_coef > 0 else None,
+            advantages=torch.from_numpy(np.asarray(advantages, dtype=np.float32).reshape(-1)),
+            masks_gt=sub["masks"].repeat_interleave(G, 0),
+            global_tokens=float(counts[0]), global_seqs=float(counts[1]), global_samples=float(counts[2]))
+
+    def _update(self, b: LearnerBatch) -> tuple[dict[str, float], dict[str, float]]:
+        """``grpo.num_iterations`` optimizer steps over the batch, in micro-batches. Every term is a
+        share of a mean over the *global* batch, so the update is the same on 1 or K ranks:
+
+            L = agg(pg + beta * KL) + w_mask * (w_bce * BCE + w_dice * Dice) * rows / global samples
+        """
+        g = self.cfg.grpo
+        dev = self.device
+        sums: dict[str, float] = collections.defaultdict(float)
+        extremes = {"ratio_max": -math.inf, "ratio_min": math.inf}
+        n = b.completion_ids.shape[0]
         for _ in range(g.num_iterations):
-            for start in range(0, n, mb):
-                rows = slice(start, start + mb)
-                p = _rows(prompts, rows, G).to(self.device, self.dtype)
-                cm, ids = cmask[rows].to(self.device), comp[rows].to(self.device)
-                out, logits = _forward(self.engine, p, ids, cm)
-                logp = _logprobs(logits, ids, g.temperature)
-                loss, stats = grpo.policy_loss(logp, old[rows].to(self.device), adv[rows].to(self.device), cm,
-                                               g.clip_eps, g.clip_eps_high, num_tokens=global_tokens)
-                total = loss
-                kl_sum = torch.zeros((), device=self.device)
-                if g.kl_coef > 0:
-                    with torch.no_grad(), self.engine.module.adapter_disabled():
-                        _, ref_logits = _forward(self.engine, p, ids, cm)
-                    kl = grpo.kl_per_token(logp, _logprobs(ref_logits, ids, g.temperature), g.kl_estimator)
-                    kl_sum = (kl * cm).sum()
-                    total = total + g.kl_coef * kl_sum / global_tokens
-                mask_l = 2.0 * losses.mask_bce(out.mask_logits, masks_gt[rows].to(self.device)) + \
-                    0.5 * losses.dice_loss(out.mask_logits, masks_gt[rows].to(self.device))
-                # mean over this worker's micro-batches, like the token mean above spans the batch
-                total = total + g.mask_loss_weight * mask_l * (mb / n)
-                # DeepSpeed averages gradients over ranks and divides by the accumulation steps; the
-                # loss above is already normalised by the global token count, so undo both.
+            for start in range(0, n, g.micro_batch):
+                stop = min(n, start + g.micro_batch)
+                ids, cm = b.completion_ids[start:stop].to(dev), b.completion_mask[start:stop].to(dev)
+                pm = b.policy_mask[start:stop].to(dev)
+                out, logits = _forward(self.engine, b.prompts.rows(start, stop).to(dev, self.dtype), ids, cm)
+                logp = token_logprobs(logits, ids, g.temperature)
+                pg, ratio, clipped = grpo.clipped_surrogate(logp, b.old_logprobs[start:stop].to(dev),
+                                                            b.advantages[start:stop].to(dev), g.clip_eps,
+                                                            g.clip_eps_high)
+                per_token = pg
+                if b.ref_logprobs is not None:
+                    kl = grpo.kl_per_token(logp, b.ref_logprobs[start:stop].to(dev), g.kl_estimator)
+                    per_token = pg + g.kl_coef * kl
+                    sums["kl"] += float((kl.detach() * pm).sum())
+                loss_policy = grpo.aggregate(per_token, pm, g.loss_agg, b.global_tokens, b.global_seqs)
+                gt = b.masks_gt[start:stop].to(dev)
+                share = (stop - start) / b.global_samples
+                loss_mask = (g.bce_weight * losses.mask_bce(out.mask_logits, gt)
+                             + g.dice_weight * losses.dice_loss(out.mask_logits, gt)) * share
+                total = loss_policy + g.mask_loss_weight * loss_mask
+                # DeepSpeed averages gradients over the K ranks; with scale_wrt_gas=False it does not
+                # divide by the accumulation steps. The terms above are shares of global means, so x K
+                # turns the rank average back into the plain sum.
                 self.engine.backward(total * self.world, scale_wrt_gas=False)
                 self.engine.step()
                 with torch.no_grad():
-                    ent = (grpo.entropy_per_token(logits) * cm).sum()
-                sums += torch.tensor([float(loss) * global_tokens, float(kl_sum), float(stats["clip_frac_sum"]),
-                                      float(stats["tokens"]), float(ent), float(mask_l) * (mb / n),
-                                      float(stats["ratio_sum"])], dtype=torch.float64)
-        dist.all_reduce(sums)
-        it = g.num_iterations
-        tok = max(1.0, float(sums[3]))
-        return {"loss/policy": float(sums[0]) / tok, "kl": float(sums[1]) / tok, "clip_frac": float(sums[2]) / tok,
-                "entropy": float(sums[4]) / tok, "loss/mask": float(sums[5]) / (self.world * it),
-                "ratio_mean": float(sums[6]) / tok, "lr": float(self.scheduler.get_last_lr()[0]),
-                "learner_time_s": time.time() - t0, "optimizer_step": int(self.engine.global_steps)}
+                    sums["loss/policy"] += float(loss_policy)
+                    sums["loss/mask"] += float(loss_mask)
+                    sums["loss/total"] += float(total)
+                    sums["pg_tokens"] += float((pg.detach() * pm).sum())
+                    sums["tokens"] += float(pm.sum())
+                    sums["clipped"] += float((clipped.float() * pm).sum())
+                    sums["ratio"] += float((ratio.detach() * pm).sum())
+                    sums["entropy"] += float((grpo.entropy_per_token(logits) * cm).sum())
+                    sums["entropy_tokens"] += float(cm.sum())
+                    if pm.any():
+                        r = ratio.detach()[pm.bool()]
+                        extremes["ratio_max"] = max(extremes["ratio_max"], float(r.max()))
+                        extremes["ratio_min"] = min(extremes["ratio_min"], float(r.min()))
+        return sums, extremes
+
+    def _metrics(self, sums: dict[str, float], extremes: dict[str, float], b: LearnerBatch, lr: float,
+                 t0: float) -> dict[str, float]:
+        """Sums over ranks (and max/min of the ratio), per iteration where a term is a loss."""
+        import torch.distributed as dist
+
+        names = ["loss/policy", "loss/mask", "loss/total", "pg_tokens", "tokens", "clipped", "ratio", "kl",
+                 "entropy", "entropy_tokens"]
+        red = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
+        dist.all_reduce(red)
+        tot = dict(zip(names, red.tolist()))
+        hi = torch.tensor([extremes["ratio_max"]], dtype=torch.float64)
+        lo = torch.tensor([extremes["ratio_min"]], dtype=torch.float64)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        it = self.cfg.grpo.num_iterations
+        tok = max(1.0, tot["tokens"])
+        return {"loss/policy": tot["loss/policy"] / it, "loss/mask": tot["loss/mask"] / it,
+                "loss/total": tot["loss/total"] / it, "pg_token_mean": tot["pg_tokens"] / tok,
+                "kl": tot["kl"] / tok, "clip_frac": tot["clipped"] / tok, "ratio_mean": tot["ratio"] / tok,
+                "ratio_max": float(hi) if tot["tokens"] else 1.0, "ratio_min": float(lo) if tot["tokens"] else 1.0,
+                "entropy": tot["entropy"] / max(1.0, tot["entropy_tokens"]), "lr": lr,
+                "policy_tokens": tot["tokens"] / it, "learner_time_s": time.time() - t0,
+                "optimizer_step": int(self.engine.global_steps)}
 
     # ------------------------------------------------------------------ weights and state
     def gather_weights(self) -> dict[str, torch.Tensor] | None:
         """Collective: every rank takes part, rank 0 returns the full trainable tensors."""
-        from aurora_core.train import engine as ds
+        from aurora_core.train import zero3
 
-        w = ds.gather_trainable(self.engine)
+        w = zero3.gather_trainable(self.engine)
         return w if self.rank == 0 else None
 
     def sync_manifest(self):
         """Names, full shapes and wire dtype of the trainable weights, in broadcast order."""
         from aurora_core.rl.weight_sync import Manifest
-        from aurora_core.train import engine as ds
+        from aurora_core.train import zero3
 
-        params = ds.trainable(self.engine)
+        params = zero3.trainable(self.engine)
         self.manifest = Manifest([n for n, _ in params],
                                  [list(getattr(p, "ds_shape", p.shape)) for _, p in params],
                                  str(self.dtype).removeprefix("torch."))
@@ -173,9 +244,9 @@ class LearnerWorker:
     def broadcast_weights(self, version: int) -> float | None:
         """Collective over the learner ranks (the ZeRO-3 gather), then rank 0 broadcasts to the sync
         group and keeps the weights (a replaced rollout actor reads them). Returns rank 0's checksum."""
-        from aurora_core.train import engine as ds
+        from aurora_core.train import zero3
 
-        w = ds.gather_trainable(self.engine)
+        w = zero3.gather_trainable(self.engine)
         if self.rank != 0:
             return None
         self.last_weights = (version, w)
@@ -216,24 +287,6 @@ def _forward(engine, prompts, ids, cmask):
     return out, out.logits[:, p - 1:-1]
 
 
-def _logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    from aurora_core.model.aurora import token_logprobs
-
-    return token_logprobs(logits, ids, temperature)
-
-
-def _rows(prompts, rows: slice, G: int):
-    """Rows ``rows`` of a repeat_interleaved prompt batch (video patches are per-row blocks)."""
-    from dataclasses import fields, replace
-
-    n = prompts.input_ids.shape[0]
-    per = prompts.pixel_values_videos.shape[0] // n
-    kw = {f.name: getattr(prompts, f.name)[rows] for f in fields(prompts)
-          if isinstance(getattr(prompts, f.name), torch.Tensor) and f.name != "pixel_values_videos"}
-    pv = prompts.pixel_values_videos[rows.start * per:min(rows.stop, n) * per]
-    return replace(prompts, **kw, pixel_values_videos=pv)
-
-
 class LearnerGroup:
     def __init__(self, cfg, init_export: str):
         import ray
@@ -248,12 +301,12 @@ class LearnerGroup:
         master = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(master) for w in self.workers])
 
-    def step(self, clips_ref, groups: list[dict[str, Any]], advantages: np.ndarray):
-        """Split the groups evenly over the ranks (prompts_per_step is a multiple of K); returns refs."""
+    def step(self, clips_ref, groups: list[RolloutGroup], advantages: np.ndarray):
+        """Split the step evenly over the ranks (prompts_per_step is a multiple of K); returns refs."""
         k = len(self.workers)
         per = len(groups) // k
-        return [w.step.remote(clips_ref, groups[r * per:(r + 1) * per], advantages[r * per:(r + 1) * per])
-                for r, w in enumerate(self.workers)]
+        return [w.step.remote(clips_ref, (r * per, (r + 1) * per), groups[r * per:(r + 1) * per],
+                              advantages[r * per:(r + 1) * per]) for r, w in enumerate(self.workers)]
 
     def gather_weights(self):
         """Refs of every rank's call; the first (rank 0) holds the weights, stored once in the object store."""
@@ -273,3 +326,23 @@ class LearnerGroup:
 
         for w in self.workers:
             ray.kill(w)
+
+
+class LearnerFailed(RuntimeError):
+    """A learner worker (or a member of the weight-sync group) died: the loop restarts from a checkpoint."""
+
+
+def learner_call(fn, *args):
+    """Run a learner interaction; a dead learner actor becomes LearnerFailed (the loop restarts)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    try:
+        return fn(*args)
+    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+        raise LearnerFailed("learner worker died") from e
+
+
+def learner_get(refs: list) -> list:
+    import ray
+
+    return learner_call(ray.get, refs)

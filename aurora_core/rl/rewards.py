@@ -1,4 +1,4 @@
-"""GRPO rewards (DESIGN.md §2): pure functions of (answer text, mask logits, ground truth).
+"""GRPO rewards (format, class, IoU; AURORA's model/LISA_grpo.py): pure functions of (answer text, mask logits, ground truth).
 
 - format: 1 if the answer ends with ``It is [SEG].``
 - class:  +1 if the second-to-last sentence reads ``the target is (the )?X``, +1 more if X is the true class

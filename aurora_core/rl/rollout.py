@@ -9,7 +9,8 @@ a generate call never mixes versions, and every call states the version it expec
 :class:`RolloutPool` (driver side) cuts a step's prompts into small chunks and hands the next chunk
 to whichever actor is free, so a slow actor does not idle the others. An actor that dies is
 replaced (initial weights, then the current version) and its chunk re-issued; results are keyed by
-prompt index, so every prompt's group arrives exactly once.
+prompt index, so every prompt's group arrives exactly once. With KL on, the pool also holds the
+reference worker (see ``RolloutPool.__init__``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from aurora_core.model.aurora import token_logprobs
+from aurora_core.rl.trajectory import RolloutGroup
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,8 @@ class RolloutWorker:
         self.set_weights(weights, version)
         return digest
 
-    def generate(self, clips: dict[str, Any], indices: list[int], version: int) -> list[dict[str, Any]]:
-        """One group of G samples for each prompt ``clips[indices]``."""
+    def generate(self, clips: dict[str, Any], indices: list[int], version: int) -> list[RolloutGroup]:
+        """One group of G samples for each prompt ``clips[indices]``, in that order."""
         from aurora_core.data.shards import collate
         from aurora_core.metrics import mask_iou
         from aurora_core.reasoning import parse_answer
@@ -95,26 +99,50 @@ class RolloutWorker:
         t_gen = time.time() - t0
         t0 = time.time()
         masks = r.mask_logits.float().cpu()
+        # cut by the length limit: no end token among the generated tokens
+        ended = ((r.completion_ids == self.proc.eos_id) & r.completion_mask.bool()).any(1).cpu().numpy()
         out = []
         G = g.num_samples
-        for j, idx in enumerate(indices):
-            rows = slice(j * G, (j + 1) * G)
+        for j, _ in enumerate(indices):
+            rows = range(j * G, (j + 1) * G)
             gt, cls = sub["masks"][j], sub["class"][j]
-            terms = [score(r.texts[k], masks[k], gt, cls, self.weights) for k in range(rows.start, rows.stop)]
-            out.append({
-                "index": idx, "key": sub["key"][j], "version": self.version,
-                "completion_ids": r.completion_ids[rows].cpu().numpy().astype(np.int32),
-                "completion_mask": r.completion_mask[rows].cpu().numpy().astype(np.int8),
-                "logprobs": r.logprobs[rows].float().cpu().numpy(),
-                "rewards": {k: np.array([t[k] for t in terms], dtype=np.float32) for k in terms[0]},
-                "j": np.array([mask_iou(masks[k], gt) for k in range(rows.start, rows.stop)], dtype=np.float32),
-                "pred_class": [parse_answer(r.texts[k]).predicted_class or "" for k in range(rows.start, rows.stop)],
-                "texts": r.texts[rows],
-                "gen_tokens": int(r.completion_mask[rows].sum()),
-            })
+            terms = [score(r.texts[k], masks[k], gt, cls, self.weights) for k in rows]
+            out.append(RolloutGroup(
+                key=str(sub["key"][j]), version=self.version,
+                completion_ids=r.completion_ids[rows.start:rows.stop].cpu().numpy().astype(np.int32),
+                completion_mask=r.completion_mask[rows.start:rows.stop].cpu().numpy().astype(np.int8),
+                logprobs=r.logprobs[rows.start:rows.stop].float().cpu().numpy(),
+                rewards={k: np.array([t[k] for t in terms], dtype=np.float32) for k in terms[0]},
+                j=np.array([mask_iou(masks[k], gt) for k in rows], dtype=np.float32),
+                truncated=~ended[rows.start:rows.stop],
+                has_seg=r.has_seg[rows.start:rows.stop].cpu().numpy().astype(bool),
+                pred_class=[parse_answer(r.texts[k]).predicted_class or "" for k in rows],
+                texts=r.texts[rows.start:rows.stop],
+                gen_tokens=int(r.completion_mask[rows.start:rows.stop].sum())))
         t_rew = time.time() - t0
         for o in out:
-            o["gen_time"], o["reward_time"] = t_gen / len(indices), t_rew / len(indices)
+            o.gen_time, o.reward_time = t_gen / len(indices), t_rew / len(indices)
+        return out
+
+    @torch.no_grad()
+    def reference_logprobs(self, clips: dict[str, Any], indices: list[int],
+                           completions: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Per prompt ``clips[i]`` and its completions (ids, mask) [G, C]: log p of each completion token
+        under this actor's weights, [G, C] float32 (0 on padding). A worker that never receives weights
+        holds the export GRPO started from: the KL reference."""
+        from aurora_core.data.shards import collate
+
+        g = self.cfg.grpo
+        sub = collate({k: v[indices] for k, v in clips.items()})
+        prompts = self.proc.prompt_batch(sub).to(self.device, self.dtype)
+        out = []
+        for j, (ids, mask) in enumerate(completions):
+            ids_t = torch.from_numpy(ids).long().to(self.device)
+            mask_t = torch.from_numpy(mask).long().to(self.device)
+            one = prompts.rows(j, j + 1).repeat_interleave(ids.shape[0])
+            _, logits = self.model.forward_completions(one, ids_t, mask_t, with_masks=False)
+            lp = token_logprobs(logits, ids_t, g.temperature) * mask_t
+            out.append(lp.float().cpu().numpy())
         return out
 
 
@@ -139,7 +167,36 @@ class RolloutPool:
         self.replaced = 0
         self._spawned = 0
         self.actors = [self._new_actor() for _ in range(g.rollout_actors)]
-        ray.get([a.ready.remote() for a in self.actors])
+        # The KL reference is the policy GRPO starts from (TRL / OpenRLHF / verl: the initial actor),
+        # not the adapter-disabled base, which has never seen [SEG] or the answer format: a worker
+        # of the same class that loads the same export and never receives weights (OpenRLHF's
+        # reference model). It costs one more policy copy, and only exists when KL is on.
+        self.reference = self._new_reference() if g.kl_coef > 0 else None
+        ray.get([a.ready.remote() for a in self.actors + ([self.reference] if self.reference else [])])
+
+    def _new_reference(self):
+        self._spawned += 1
+        return self.actor_cls.remote(self.export_dir, self.cfg_dict, self.cfg.run.seed * 1000 + self._spawned)
+
+    def reference_logprobs(self, clips_ref, groups: dict[int, RolloutGroup]) -> None:
+        """Fill ``ref_logprobs`` of every group (prompt index -> group) from the reference worker; a
+        dead reference worker is replaced once (it holds no state but the export)."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        order = sorted(groups)
+        args = [(groups[i].completion_ids, groups[i].completion_mask) for i in order]
+        for attempt in (0, 1):
+            try:
+                lps = ray.get(self.reference.reference_logprobs.remote(clips_ref, order, args))
+                break
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                if attempt:
+                    raise
+                log.warning("the KL reference worker died (%s); replacing it", type(e).__name__)
+                self.reference = self._new_reference()
+        for i, lp in zip(order, lps):
+            groups[i].ref_logprobs = lp
 
     def _new_actor(self):
         self._spawned += 1
@@ -175,7 +232,7 @@ class RolloutPool:
         return digests
 
     def generate(self, clips_ref, indices: list[int],
-                 on_result: Callable[[int, int], None] | None = None) -> dict[int, dict[str, Any]]:
+                 on_result: Callable[[int, int], None] | None = None) -> dict[int, RolloutGroup]:
         """Groups for ``indices`` of the clips behind ``clips_ref``; ``on_result(done, total)`` is called
         as chunks come back (progress reporting)."""
         import ray
@@ -204,13 +261,12 @@ class RolloutPool:
                 queue.appendleft(part)
                 free.append(a)
                 continue
-            for grp in groups:
-                if grp["index"] in results:
-                    raise RuntimeError(f"prompt {grp['index']} came back twice")
-                if grp["version"] != self.version:
-                    raise RuntimeError(f"prompt {grp['index']} sampled with version {grp['version']}, "
-                                       f"expected {self.version}")
-                results[grp["index"]] = grp
+            for i, grp in zip(part, groups):
+                if i in results:
+                    raise RuntimeError(f"prompt {i} came back twice")
+                if grp.version != self.version:
+                    raise RuntimeError(f"prompt {i} sampled with version {grp.version}, expected {self.version}")
+                results[i] = grp
             free.append(a)
             if on_result is not None:
                 on_result(len(results), len(indices))
@@ -222,5 +278,5 @@ class RolloutPool:
     def shutdown(self) -> None:
         import ray
 
-        for a in self.actors:
+        for a in self.actors + ([self.reference] if self.reference is not None else []):
             ray.kill(a)

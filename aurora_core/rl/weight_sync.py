@@ -1,5 +1,7 @@
-"""Weight sync by collective broadcast: learner rank 0 sends the trainable weights to every rollout
-actor over a process group of their own (NCCL when all members have GPUs, gloo otherwise).
+"""Weight sync after each GRPO step, behind one object (:class:`WeightSync`: ``push(version)``): the
+learner's trainable weights go to every rollout actor either through the object store (one ray.put
+read by every actor) or by collective broadcast: learner rank 0 sends them over a process group of
+their own (NCCL when all members have GPUs, gloo otherwise).
 
 Why a group built by hand from a TCPStore: the rollout actors are not ranks of the learner's
 torch.distributed world, and ``torch.distributed.new_group`` only groups ranks of one world. The group
@@ -82,3 +84,59 @@ def checksum(flat: torch.Tensor, pieces: int = 64) -> float:
     """Sums of consecutive slices weighted by their position, so a misordered buffer does not pass as
     the same; slice by slice, so it needs no buffer-sized temporary on the sync path."""
     return float(sum(k * piece.sum(dtype=torch.float64) for k, piece in enumerate(flat.chunk(pieces), 1)))
+
+
+class WeightSync:
+    """The learner -> rollout actors weight push of a GRPO run (``grpo.weight_sync``)."""
+
+    def __init__(self, cfg, learner, pool):
+        self.cfg, self.learner, self.pool = cfg, learner, pool
+        self.mode = sync_mode(cfg.grpo)
+        if self.mode == "broadcast":  # a replacement actor reads the current weights from rank 0
+            pool.weights_source = lambda version: learner.workers[0].weights_of.remote(version)
+
+    def push(self, version: int) -> None:
+        """Gather the trainable weights once (a collective over the learner ranks), then broadcast them
+        from learner rank 0 to every rollout actor, or leave them in the object store (rank 0's return
+        value: never copied into the driver) and point every actor at them."""
+        import ray
+
+        from aurora_core.rl.learner import learner_call, learner_get
+
+        if self.mode == "broadcast":
+            if self.pool.group_stale:
+                self._open_group()
+            refs = self.learner.broadcast_weights(version)
+            received = learner_call(self.pool.receive, version)  # a member lost mid-broadcast: restart too
+            sent = learner_get(refs)[0]
+            bad = [i for i, d in enumerate(received) if abs(d - sent) > 1e-9 * max(1.0, abs(sent))]
+            if bad:
+                raise RuntimeError(f"weight broadcast of version {version} arrived corrupted at rollout actor(s) "
+                                   f"{bad} (checksum {[received[i] for i in bad]} != {sent})")
+            return
+        refs = self.learner.gather_weights()
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        learner_get(refs[1:])  # ranks > 0 return None; raises if one died
+        learner_call(self.pool.push, refs[0], version)
+
+    def _open_group(self) -> None:
+        """(Re)build the broadcast group: learner rank 0 + the current rollout actors, on a fresh port."""
+        import logging
+        import time
+
+        from aurora_core.rl.learner import learner_get
+
+        g = self.cfg.grpo
+        rank0 = self.learner.workers[0]
+        host, port = learner_get([rank0.address.remote()])[0]
+        manifest = learner_get([rank0.sync_manifest.remote()])[0]
+        t0 = time.time()
+        first = rank0.open_sync_group.remote(host, port, len(self.pool.actors) + 1, backend(g), g.sync_timeout_s)
+        members = self.pool.open_group(host, port, backend(g), g.sync_timeout_s, manifest)
+        gpus = learner_get([first, *members])
+        if backend(g) == "nccl" and len(set(gpus)) < len(gpus):
+            raise ValueError("grpo.weight_sync=broadcast over NCCL needs learner rank 0 and every rollout actor "
+                             "on a GPU of its own (some share one); use whole grpo.gpus_per_actor or "
+                             "grpo.weight_sync=object_store")
+        logging.getLogger(__name__).info("weight-sync group (%s) of %d members open in %.1fs", backend(g),
+                                         len(gpus), time.time() - t0)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from aurora_core.train import engine as ds
+from aurora_core.train import zero3
 
 CHECKPOINT_FORMAT = 1
 
@@ -61,8 +61,8 @@ def save(engine, scheduler, state: TrainState, out: Path, rank: int, world: int)
     """Collective: every rank gathers; rank 0 writes ``out``."""
     import torch.distributed as dist
 
-    params = ds.gather_trainable(engine)
-    moments = ds.gather_optimizer(engine)
+    params = zero3.gather_trainable(engine)
+    moments = zero3.gather_optimizer(engine)
     rngs: list[Any] = [None] * world
     dist.all_gather_object(rngs, rng_state())
     if rank != 0:
@@ -71,7 +71,7 @@ def save(engine, scheduler, state: TrainState, out: Path, rank: int, world: int)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in params.items()}, str(out / "trainable.safetensors"))
     save_file({k: v.contiguous() for k, v in moments.items()}, str(out / "optimizer.safetensors"))
-    meta = {"format": CHECKPOINT_FORMAT, "state": asdict(state), "optimizer_step": ds.optimizer_step(engine),
+    meta = {"format": CHECKPOINT_FORMAT, "state": asdict(state), "optimizer_step": zero3.optimizer_step(engine),
             "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rngs,
             "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples}}
     (out / "state.json").write_text(json.dumps(meta))
@@ -93,8 +93,8 @@ def load(engine, scheduler, path: Path, rank: int, world: int) -> TrainState:
         raise ValueError(f"checkpoint {path} was written by {state.world_size} workers but this run has {world}: "
                          f"its epochs were cut to multiples of workers x batch; rerun with "
                          f"train.num_workers={state.world_size}")
-    ds.set_trainable(engine, load_file(str(path / "trainable.safetensors")))
-    ds.set_optimizer(engine, load_file(str(path / "optimizer.safetensors")), meta["optimizer_step"])
+    zero3.set_trainable(engine, load_file(str(path / "trainable.safetensors")))
+    zero3.set_optimizer(engine, load_file(str(path / "optimizer.safetensors")), meta["optimizer_step"])
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])
     engine.global_steps = meta["engine"]["global_steps"]

@@ -28,8 +28,8 @@ from aurora_core.config import AuroraConfig, StageConfig, config_from_dict, to_d
 from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics
 from aurora_core.train import checkpoint as ckpt_io
-from aurora_core.train import engine as ds
-from aurora_core.train.data import train_datasets, val_dataset, write_resume_file
+from aurora_core.train import zero3
+from aurora_core.train.epochs import train_datasets, val_dataset, write_resume_file
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if st.max_steps:
         total_steps = min(total_steps, st.max_steps)
     log.info("model ready (%s); initialising DeepSpeed ZeRO-3 on %d workers", device, world)
-    engine, scheduler = ds.initialize(model, ds.deepspeed_config(cfg.train.deepspeed_config, st, total_steps, bf16))
+    opt = zero3.Optimization.for_stage(st, total_steps)
+    engine, scheduler = zero3.initialize(model, zero3.deepspeed_config(cfg.train.deepspeed_config, opt, bf16), opt)
     log.info("engine ready: %d optimizer steps planned (%d per epoch)", total_steps, steps_per_epoch)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -224,6 +225,7 @@ def train_worker(config: dict[str, Any]) -> None:
             out = engine(inp)
             t = loss_terms(out, inp, batch["masks"].to(device), st, tt)
             before = engine.global_steps
+            lr = scheduler.get_last_lr()[0]  # the LR of the update this micro-batch may complete
             engine.backward(t["loss"])
             engine.step()
             pending += list(zip(batch["key"], batch["epoch"].tolist()))
@@ -246,7 +248,7 @@ def train_worker(config: dict[str, Any]) -> None:
             micro = st.grad_accum * world
             epoch = (state.global_step - 1) // steps_per_epoch
             metrics = {"train/loss": red[0] / micro, "train/lm": red[1] / micro, "train/bce": red[2] / micro,
-                       "train/dice": red[3] / micro, "train/lr": scheduler.get_last_lr()[0],
+                       "train/dice": red[3] / micro, "train/lr": lr,
                        "train/samples_per_s": len(pending) * world / dt, "train/tokens_per_s": red[5] / dt,
                        "train/step_time_s": dt, "train/data_wait_s": t_data, "train/epoch": epoch}
             if teacher is not None:
@@ -283,7 +285,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # ---- export: gather the trained weights into a plain model on rank 0
     log.info("training done at step %d; exporting", state.global_step)
-    params = ds.gather_trainable(engine)
+    params = zero3.gather_trainable(engine)
     if rank == 0:
         from aurora_core.model.build import export_with_weights
 

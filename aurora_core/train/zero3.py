@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-3 for our model: the config, initialisation, and full views of the trainable state.
+"""DeepSpeed ZeRO-3 for our model: the config, initialisation (with our LR schedule), and full views of
+the trainable state.
 
 Under ZeRO-3 every parameter is partitioned across ranks; the functions that read or write the full
 trainable tensors (``deepspeed.utils.safe_get/set_full_*``) are collectives: every rank calls them,
@@ -10,20 +11,23 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aurora_core.config import REPO_ROOT, StageConfig
+from aurora_core.config import REPO_ROOT, GRPOConfig, StageConfig
 
 log = logging.getLogger(__name__)
 
 
 def import_deepspeed():
-    """Import DeepSpeed with the traps of RUNTIME-NOTES.md avoided."""
+    """Import DeepSpeed with two traps avoided: ``deepspeed.zero.Init`` fails with a signature mismatch
+    unless ``torch._dynamo`` is imported first, and the CPU accelerator JIT-builds an op at start."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     importlib.import_module("torch._dynamo")  # zero.Init's signature checks need it imported first
@@ -48,25 +52,63 @@ def load_ds_config(path: str) -> dict[str, Any]:
     return cfg
 
 
-def deepspeed_config(path: str, st: StageConfig, total_steps: int, bf16: bool) -> dict[str, Any]:
-    """The JSON file's settings plus what our config owns: batch, lr, schedule, precision."""
+@dataclass(frozen=True)
+class Optimization:
+    """What our config owns of a ZeRO-3 engine: batch, optimizer and LR schedule."""
+
+    micro_batch: int  # samples per forward/backward on one rank
+    grad_accum: int  # micro-batches per optimizer step
+    lr: float
+    weight_decay: float
+    warmup_steps: int  # linear warm-up over this many optimizer steps (0: full LR from the first)
+    min_lr_ratio: float  # cosine decay to lr * min_lr_ratio at the last step
+    total_steps: int  # optimizer steps of the run
+
+    @classmethod
+    def for_stage(cls, st: StageConfig, total_steps: int) -> "Optimization":
+        return cls(st.batch_size, st.grad_accum, st.lr, st.weight_decay, st.warmup_steps, st.min_lr_ratio,
+                   total_steps)
+
+    @classmethod
+    def for_grpo(cls, g: GRPOConfig) -> "Optimization":
+        """The learner: each rank's share of a step's samples, in micro-batches, is one optimizer step
+        per iteration; constant LR after the warm-up."""
+        per_rank = g.prompts_per_step // g.learner_workers * g.num_samples
+        return cls(g.micro_batch, per_rank // g.micro_batch, g.lr, g.weight_decay, g.warmup_steps, 1.0,
+                   g.steps * g.num_iterations)
+
+    def lr_factor(self, step: int) -> float:
+        """LR / lr for the update of optimizer step ``step`` (0-based). Warm-up starts at 1/warmup, not
+        0, so the first update trains; with warmup_steps=0 it runs at full LR."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(path: str, opt: Optimization, bf16: bool) -> dict[str, Any]:
+    """The JSON file's settings plus what our config owns: batch, optimizer, precision. The LR schedule
+    is ours (:func:`initialize`): DeepSpeed's WarmupCosineLR gives the first update LR 0 and needs a
+    warm-up of >= 1 step."""
     cfg = load_ds_config(path)
-    cfg["train_micro_batch_size_per_gpu"] = st.batch_size
-    cfg["gradient_accumulation_steps"] = st.grad_accum
+    cfg["train_micro_batch_size_per_gpu"] = opt.micro_batch
+    cfg["gradient_accumulation_steps"] = opt.grad_accum
     cfg.pop("train_batch_size", None)
-    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    opt.setdefault("params", {}).update(lr=st.lr, weight_decay=st.weight_decay)
-    cfg["scheduler"] = {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": max(1, total_steps), "warmup_num_steps": max(1, min(st.warmup_steps, total_steps - 1)),  # DeepSpeed needs >= 1
-        "warmup_type": "linear", "cos_min_ratio": st.min_lr_ratio}}
+    cfg.pop("scheduler", None)
+    ds_opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    ds_opt.setdefault("params", {}).update(lr=opt.lr, weight_decay=opt.weight_decay)
     cfg["bf16"] = {"enabled": bool(bf16)}
     return cfg
 
 
-def initialize(model: torch.nn.Module, ds_cfg: dict[str, Any]):
+def initialize(model: torch.nn.Module, ds_cfg: dict[str, Any], opt: Optimization):
+    """The engine and its LR scheduler (stepped by DeepSpeed at each optimizer step)."""
     deepspeed = import_deepspeed()
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_cfg,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, opt.lr_factor))
     return engine, scheduler
 
 
