@@ -141,10 +141,14 @@ class ModelConfig:
     video_fps: float = 1.0  # frame rate of the clip frames (Ref-AVS: one frame per second)
     audio_hop_length: int = 640  # Whisper features; 160 for real Qwen2.5-Omni (640 = 4x fewer tokens)
     sam_image_size: int = 64  # SAM input size (1024 for SAM ViT-H)
+    # frames per call of the frozen SAM image encoder: its global attention holds heads x 4096^2
+    # scores per frame at 1024 px, so memory must not grow with batch x samples x frames
+    encoder_batch: int = 8
     dtype: str = "float32"  # float32 | bfloat16 (bf16 on GPUs)
     max_answer_tokens: int = 160  # training targets are cut to this many tokens (with a warning)
 
     def __post_init__(self) -> None:
+        _check(self.encoder_batch >= 1, "model.encoder_batch must be >= 1")
         _check(self.video_size % 28 == 0, f"model.video_size must be a multiple of 28, got {self.video_size}")
         _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype}")
         _check(self.tiny.hidden_size % self.tiny.num_heads == 0, "model.tiny.hidden_size must divide by num_heads")

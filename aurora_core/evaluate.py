@@ -33,8 +33,9 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
                  score_size=e.score_size, no_seg=e.no_seg)
     rows: list[dict[str, Any]] = []
     for r in ds.iter_rows():
-        rows.append({k: r[k] for k in ("key", "line", "uid", "split", "class", "answer", "pred_class", "class_correct",
-                                       "well_formed", "has_seg", "iou", "metrics", "pred_masks")})
+        rows.append({k: r[k] for k in ("key", "line", "uid", "split", "class", "kind", "answer", "pred_class",
+                                       "class_correct", "well_formed", "structured", "has_seg", "iou", "metrics",
+                                       "pred_masks")})
     rows.sort(key=lambda r: int(r["line"]))  # metadata order: the official protocol batches consecutive rows
     per_split, tables = {}, {}
     for s in splits:
@@ -46,10 +47,15 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
         per_split[s] = {**both[e.protocol], **{p: both[p] for p in PROTOCOLS}, "rows": len(srows),
                         "class_acc": float(np.mean([r["class_correct"] for r in srows])),
                         "format_rate": float(np.mean([r["well_formed"] for r in srows])),
+                        # four steps in order, then the answer, no loop (reasoning.is_structured)
+                        "structure_rate": float(np.mean([r["structured"] for r in srows])),
                         # answers without [SEG]: empty masks (eval.no_seg=empty) or forced ones
-                        "no_seg_frac": float(np.mean([not r["has_seg"] for r in srows]))}
+                        "no_seg_frac": float(np.mean([not r["has_seg"] for r in srows])),
+                        "by_kind": by_kind(srows, accs)}
     for p in PROTOCOLS:
         tables[p] = refavs_table({s: m[p] for s, m in per_split.items()})
+        if "test_s" in per_split:
+            tables[p].update({"Struct": per_split["test_s"]["structure_rate"], "Class": per_split["test_s"]["class_acc"]})
     table = tables[e.protocol]
     result = {"model": str(model_dir), "name": name, "protocol": e.protocol, "no_seg": e.no_seg,
               "splits": per_split, "table": table,
@@ -69,6 +75,8 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
         logger.metrics({f"eval/{p}/{k}": v for p, t in tables.items() for k, v in t.items() if v is not None}, 0)
         logger.metrics({f"eval/{s}/{k}": float(v) for s, m in per_split.items() for k, v in m.items()
                         if not isinstance(v, dict)}, 0)
+        logger.metrics({f"eval/{s}/by_kind/{kind}/J": v["J"] for s, m in per_split.items()
+                        for kind, v in m["by_kind"].items()}, 0)
         logger.metrics({f"eval/{s}/{p}/{k}": float(v) for s, m in per_split.items() for p in PROTOCOLS
                         for k, v in m[p].items()}, 0)
         logger.text(text + "\n", "eval/table.txt")
@@ -76,6 +84,18 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
         for tag, png in overlays(cfg, shards_dir, rows, splits):
             logger.png(png, f"eval/overlays/{tag}.png")
     return result
+
+
+def by_kind(rows: list[dict[str, Any]], accs: list[SplitMetrics]) -> dict[str, dict[str, float]]:
+    """J (all frames of the rows of each expression kind at once) and the row count, for datasets
+    that record the kind (our synthetic one); empty otherwise."""
+    groups: dict[str, SplitMetrics] = {}
+    counts: dict[str, int] = {}
+    for r, a in zip(rows, accs):
+        if r["kind"]:
+            groups.setdefault(r["kind"], SplitMetrics(a.j_threshold, a.s_threshold, a.beta2, a.num_thresholds)).merge(a)
+            counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    return {k: {"J": m.compute()["J"], "rows": counts[k]} for k, m in sorted(groups.items())}
 
 
 def table_title(cfg: AuroraConfig, protocol: str | None = None) -> str:
@@ -86,6 +106,9 @@ def table_title(cfg: AuroraConfig, protocol: str | None = None) -> str:
         return (f"Ref-AVS, official protocol (splits in metadata order, metrics per batch of {e.protocol_batch_clips} "
                 f"clips, mean over batches, as published tables; {size}):")
     return f"Ref-AVS, split protocol (metrics over all frames of a split at once; {size}):"
+
+
+TABLE_NOTE = "Struct / Class: test_s answers that reason in the four steps / name the right class"
 
 
 def overlays(cfg: AuroraConfig, shards_dir: Path, rows: list[dict[str, Any]], splits: list[str]):

@@ -40,7 +40,8 @@ class ExportPredictor:
         self.score_size = score_size  # >0: metrics at this size against the batch's score_masks (evaluation)
         self.no_seg = no_seg  # empty | force (eval.no_seg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False)
+        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False,
+                                                 encoder_batch=self.cfg.model.encoder_batch)
         self.model.to(self.device).eval()
         self.dtype = next(self.model.llm.parameters()).dtype
         torch.manual_seed(seed)
@@ -70,9 +71,9 @@ class ExportPredictor:
             suffix = self.proc.tok(" " + reasoning.ANSWER_SUFFIX, add_special_tokens=False).input_ids
             masks = self.model.masks_with_forced_seg(prompts, r, suffix, self.proc.eos_id)
         masks = masks.float().cpu()
-        out: dict[str, list] = {k: [] for k in ("key", "line", "uid", "split", "class", "answer", "pred_class",
-                                                "class_correct", "well_formed", "has_seg", "iou", "metrics",
-                                                "pred_masks")}
+        out: dict[str, list] = {k: [] for k in ("key", "line", "uid", "split", "class", "kind", "answer",
+                                                "pred_class", "class_correct", "well_formed", "structured",
+                                                "has_seg", "iou", "metrics", "pred_masks")}
         for i, text in enumerate(r.texts):
             p = reasoning.parse_answer(text)
             if self.score_size:  # as the official protocol scores: 256 x 256, its own ground-truth resize
@@ -90,6 +91,8 @@ class ExportPredictor:
             out["pred_class"].append(p.predicted_class or "")
             out["class_correct"].append(p.class_correct(b["class"][i]))
             out["well_formed"].append(p.well_formed)
+            out["structured"].append(p.structured)
+            out["kind"].append(b["kind"][i])
             out["has_seg"].append(bool(r.has_seg[i]))
             out["iou"].append(mask_iou(pred, gt))
             out["metrics"].append(json.dumps(acc.to_state()))

@@ -48,6 +48,8 @@ OFFICIAL_SIZE = 256  # Ref-AVS datasets/dataset_refavs.py: cv2.resize(mask, (256
 PROTOCOLS = ("official", "split")
 
 TABLE_COLUMNS = ("Seen J", "Seen F", "Unseen J", "Unseen F", "Mix J", "Mix F", "Null S")
+# shown after the Ref-AVS columns when a row has them: test_s structure rate and class accuracy
+EXTRA_COLUMNS = ("Struct", "Class")
 
 
 def _check_pred(pred: torch.Tensor) -> None:
@@ -346,13 +348,14 @@ def format_table(rows: Mapping[str, Mapping[str, float | None]], title: str | No
     """Render rows from :func:`refavs_table` (keyed by model/stage name) as a fixed-width table,
     under ``title`` if given (say which protocol it shows)."""
     name_width = max([len("Model"), *(len(name) for name in rows)])
-    widths = [max(len(col), 5) for col in TABLE_COLUMNS]
+    columns = TABLE_COLUMNS + tuple(c for c in EXTRA_COLUMNS if any(r.get(c) is not None for r in rows.values()))
+    widths = [max(len(col), 5) for col in columns]
 
     def line(name: str, cells: list[str]) -> str:
         return "  ".join([name.ljust(name_width), *(c.rjust(w) for c, w in zip(cells, widths))])
 
-    header = line("Model", list(TABLE_COLUMNS))
+    header = line("Model", list(columns))
     lines = ([title] if title else []) + [header, "-" * len(header)]
     for name, row in rows.items():
-        lines.append(line(name, [_cell(row.get(col)) for col in TABLE_COLUMNS]))
+        lines.append(line(name, [_cell(row.get(col)) for col in columns]))
     return "\n".join(lines)

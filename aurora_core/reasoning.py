@@ -65,6 +65,7 @@ class ParsedAnswer:
     num_seg: int  # how many [SEG] tokens appear
     reflected: bool  # the self-correction trigger appears
     final_text: str  # the text after the last trigger (what the answer finally says)
+    structured: bool = False  # the final text is Step 1..4 in order, each once, then the answer; no loop
 
     def class_correct(self, true_class: str) -> bool:
         return self.predicted_class is not None and self.predicted_class == true_class.lower()
@@ -75,6 +76,33 @@ _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _TARGET_IS = re.compile(r"^the target is (?:the )?(?P<cls>[a-z0-9][a-z0-9 \-]*?)\s*[.!?]?$")
 _DIRECT = re.compile(r"\bit is (?:the )?(?P<cls>[a-z0-9][a-z0-9 \-]*?)\s*\[seg\]\s*\.?\s*$")
 _ENDS_WITH_ANSWER = re.compile(r"\bit is \[seg\]\s*\.$")
+
+
+_STEP = re.compile(r"\bstep (\d+)\s*:")
+LOOP_NGRAM, LOOP_REPEATS = 4, 3  # a 4-word sequence 3 times over is a loop, not reasoning
+
+
+def is_structured(final_low: str, well_formed: bool, has_class_sentence: bool) -> bool:
+    """The structured CoT as the paper prescribes it: the markers ``Step 1:`` .. ``Step 4:`` in order and
+    each once, the answer sentences after them, no sentence said twice, and no phrase looping (the same
+    4 words 3 or more times), which a template-only model produces."""
+    if not (well_formed and has_class_sentence):
+        return False
+    if [m.group(1) for m in _STEP.finditer(final_low)] != ["1", "2", "3", "4"]:
+        return False
+    if not final_low.lstrip().startswith("step 1"):
+        return False
+    sentences = [x.strip() for x in _SENTENCE_SPLIT.split(final_low) if x.strip()]
+    if len(set(sentences)) != len(sentences):
+        return False
+    words = re.findall(r"[a-z0-9\-\[\]]+", final_low)
+    grams: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - LOOP_NGRAM + 1):
+        g = tuple(words[i:i + LOOP_NGRAM])
+        grams[g] = grams.get(g, 0) + 1
+        if grams[g] >= LOOP_REPEATS:
+            return False
+    return True
 
 
 def normalize(text: str) -> str:
@@ -117,4 +145,5 @@ def parse_answer(text: object) -> ParsedAnswer:
         num_seg=low.count(SEG_TOKEN.lower()),
         reflected=reflected,
         final_text=final,
+        structured=is_structured(final_low, well_formed, has_class_sentence),
     )

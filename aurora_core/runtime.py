@@ -10,7 +10,9 @@ from aurora_core.config import REPO_ROOT, AuroraConfig
 
 log = logging.getLogger(__name__)
 
-# Environment of every Ray worker. DS_ACCELERATOR is only forced to cpu where no GPU is used.
+# Environment of every Ray worker. DS_ACCELERATOR is not among it: each process decides from the
+# devices it holds (aurora_core.train.zero3.import_deepspeed), so a GPU learner in a run whose
+# supervised stages are on CPUs still gets the CUDA accelerator.
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker line is printed twice
     "TOKENIZERS_PARALLELISM": "false",
@@ -20,8 +22,6 @@ WORKER_ENV = {
 
 def worker_env(cfg: AuroraConfig) -> dict[str, str]:
     env = dict(WORKER_ENV)
-    if not cfg.train.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
     for k in ("MLFLOW_TRACKING_URI", "AURORA_LOG_LEVEL"):
         if os.environ.get(k):
             env[k] = os.environ[k]

@@ -34,7 +34,7 @@ def main() -> int:
 
     t = time.time()
     if args.model:
-        model, proc, _ = load_export(args.model, cfg.data, trainable=True)
+        model, proc, _ = load_export(args.model, cfg.data, trainable=True, encoder_batch=cfg.model.encoder_batch)
     else:
         model, proc = build_model(cfg.model, cfg.data)
     model.to(device).eval()

@@ -81,3 +81,13 @@ def test_grpo_length_limit_must_hold_the_answer():
     for bad in ("grpo.loss_agg=sum", "grpo.overlong=drop", "eval.no_seg=maybe", "eval.protocol=mine"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(DEFAULT_CONFIG, [bad])
+
+
+def test_worker_env_leaves_the_accelerator_to_each_process():
+    """A GPU GRPO learner in a run whose supervised stages are on CPUs must not inherit
+    DS_ACCELERATOR=cpu: the workers' environment does not set it, each process picks its own."""
+    from aurora_core.runtime import worker_env
+
+    for use_gpu in ("false", "true"):
+        env = worker_env(load_config(DEFAULT_CONFIG, [f"train.use_gpu={use_gpu}", "grpo.use_gpu=true"]))
+        assert "DS_ACCELERATOR" not in env

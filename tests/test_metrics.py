@@ -376,3 +376,26 @@ def test_official_gt_resize_thresholds_like_cv2_rounding():
     assert torch.equal(metrics.official_gt_resize(m.bool(), 8), up)  # 0/1 masks stand for 0/255 PNGs
     same = torch.randint(0, 2, (2, 256, 256), dtype=torch.uint8)
     assert torch.equal(metrics.official_gt_resize(same), same.bool())
+
+
+def test_format_table_extra_columns_when_present():
+    row = refavs_table({"test_s": {"J": 0.6, "F": 0.7}})
+    assert "Struct" not in format_table({"a": row})
+    text = format_table({"a": {**row, "Struct": 0.9, "Class": 0.65}, "b": row})
+    assert text.splitlines()[0].split()[-2:] == ["Struct", "Class"]
+    assert text.splitlines()[2].split()[-2:] == ["0.900", "0.650"] and text.splitlines()[3].split()[-2:] == ["-", "-"]
+
+
+def test_j_by_expression_kind():
+    from aurora_core.evaluate import by_kind
+
+    def acc(fg, gt):
+        m = SplitMetrics()
+        m.update(t([[fg]]), torch.tensor([[gt]], dtype=torch.uint8))
+        return m
+
+    rows = [{"kind": "sound"}, {"kind": "sound"}, {"kind": "position"}, {"kind": ""}]
+    accs = [acc([P, N], [1, 0]), acc([P, P], [1, 0]), acc([N, N], [1, 0]), acc([P, N], [1, 0])]
+    got = by_kind(rows, accs)
+    assert got == {"position": {"J": pytest.approx(0.0), "rows": 1},
+                   "sound": {"J": pytest.approx((1 + 0.5) / 2), "rows": 2}}  # rows without a kind: left out

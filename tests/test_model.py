@@ -198,3 +198,25 @@ def test_forced_seg_decodes_a_mask_where_the_answer_has_none(built, batch, small
         ref, _ = model.forward_completions(prompts.rows(0, 1), full, torch.ones_like(full))
     assert ref.has_seg.all() and torch.allclose(forced[0], ref.mask_logits[0], atol=1e-5)
     assert not (forced[0] == NO_SEG_LOGIT).all()
+
+
+def test_frozen_sam_encoder_runs_once_per_frame_in_bounded_chunks(built, batch, small_cfg):
+    """generate_with_masks of B prompts x G samples encodes each of the B*T frames once (the G samples
+    share them), in calls of at most model.encoder_batch frames: memory does not grow with B*G*T."""
+    model, proc = built
+    model.eval()
+    calls: list[int] = []
+    hook = model.sam.vision_encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    B, G, T = 3, 3, small_cfg.data.num_frames
+    old = model.encoder_batch
+    model.encoder_batch = 4
+    try:
+        torch.manual_seed(0)
+        r = model.generate_with_masks(proc.prompt_batch(batch), num_samples=G, temperature=1.0, top_p=0.9,
+                                      max_new_tokens=8, eos_id=proc.eos_id, pad_id=proc.pad_id,
+                                      suppress_ids=proc.suppress_ids, decode=proc.decode)
+    finally:
+        hook.remove()
+        model.encoder_batch = old
+    assert sum(calls) == B * T and max(calls) <= 4, calls  # needed: B*T frames, not B*G*T
+    assert r.mask_logits.shape[:2] == (B * G, T)

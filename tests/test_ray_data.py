@@ -17,10 +17,10 @@ def _worker_loop(config):
     it = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4, collate_fn=shards.collate)
     seen, shapes = [], set()
     for batch in it:
-        seen += batch["uid"]
+        seen += batch["key"]
         shapes.add((tuple(batch["frames"].shape[1:]), tuple(batch["masks"].shape[1:]), tuple(batch["audio"].shape[1:])))
     with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
-        json.dump({"uids": seen, "shapes": [list(map(list, s)) for s in shapes]}, f)
+        json.dump({"keys": seen, "shapes": [list(map(list, s)) for s in shapes]}, f)
 
 
 def test_manifest_and_files(small_shards):
@@ -52,11 +52,11 @@ def test_trainer_workers_get_disjoint_complete_shares(ray_session, small_cfg, sm
     )
     trainer.fit()
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    a, b = set(got[0]["uids"]), set(got[1]["uids"])
-    expected = set(pq.read_table(shards.split_files(small_shards, ["train"]), columns=["uid"])["uid"].to_pylist())
+    a, b = set(got[0]["keys"]), set(got[1]["keys"])
+    expected = set(pq.read_table(shards.split_files(small_shards, ["train"]), columns=["key"])["key"].to_pylist())
     assert a and b and not (a & b)
     assert a | b == expected
-    assert len(got[0]["uids"]) + len(got[1]["uids"]) == len(expected)  # nothing read twice
+    assert len(got[0]["keys"]) + len(got[1]["keys"]) == len(expected)  # nothing read twice
     T, S = small_cfg.data.num_frames, small_cfg.data.frame_size
     L = int(small_cfg.data.audio_seconds * small_cfg.data.sample_rate)
     for g in got:

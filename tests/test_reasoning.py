@@ -46,3 +46,25 @@ def test_parser_counts_seg_and_reflection():
 def test_parser_is_total(junk):
     p = R.parse_answer(junk)
     assert isinstance(p, R.ParsedAnswer)
+
+
+def test_structure_rate_parser():
+    good = R.cot_answer("I see a drum on the left and a bell on the right",
+                                "I hear a drum from second 2 to second 5", "The reference asks for the drum",
+                                "The referred object is the drum", "drum")
+    assert R.parse_answer(good).structured
+    # the template loop a model that learned only the words produces (seen in the demo before)
+    loop = ("step 1 : in the frames i see a violin on the left and a violin on the right . step 2 : in the "
+            "audio i hear the audio i hear the reference asks for the target is on the target is on the target "
+            "is on it is [SEG] . it is [SEG] .")
+    assert not R.parse_answer(loop).structured
+    assert not R.parse_answer(good.replace("Step 3:", "Step 2:")).structured  # a step repeated
+    swapped = good.replace("Step 1:", "Step X:").replace("Step 2:", "Step 1:").replace("Step X:", "Step 2:")
+    assert not R.parse_answer(swapped).structured  # out of order
+    assert not R.parse_answer(good.replace(" It is [SEG].", "")).structured  # no answer sentence
+    assert not R.parse_answer("It is drum [SEG].").structured  # the teacher's direct answer
+    twice = good.replace("Step 4:", "Step 3: I hear a drum from second 2 to second 5. Step 4:", 1)
+    assert not R.parse_answer(twice).structured  # "Step 3" twice and a sentence said twice
+    # a reflective answer is judged by what it finally says
+    assert R.parse_answer(R.reflective_answer("Step 1: nothing", good)).structured
+    assert not R.parse_answer(R.reflective_answer(good, "Step 1: nothing")).structured

@@ -173,3 +173,15 @@ def test_scale_multiplies_clips(tmp_path):
     small = load_config(None, SMALL_DATA)
     assert cfg.data.synthetic.clips("train") == 2 * small.data.synthetic.clips("train")
     assert counts["train"] > 0
+
+
+def test_expression_kinds_are_recorded_for_the_breakdown(raw, cfg, tmp_path):
+    import pyarrow.parquet as pq
+
+    from aurora_core.data import shards
+
+    kinds = {json.loads(x)["uid"]: json.loads(x)["kind"] for x in (raw / "cot.jsonl").read_text().splitlines()}
+    assert set(kinds.values()) == {"category", "position", "sound", "time", "combo", "null"}
+    shards.convert(raw, tmp_path / "shards", cfg.data, source="synthetic", progress=False)
+    table = pq.read_table(shards.split_files(tmp_path / "shards", ["train", "test_n"]), columns=["key", "kind"])
+    assert all(kinds[k] == v for k, v in zip(table["key"].to_pylist(), table["kind"].to_pylist()))

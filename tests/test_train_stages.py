@@ -135,7 +135,7 @@ def test_evaluation_results_and_table(chain):
     assert lines[0].startswith("Ref-AVS, official protocol") and "batch of 4 clips" in lines[0]
     lines = lines[1:]
     assert lines[0].split() == ["Model", "Seen", "J", "Seen", "F", "Unseen", "J", "Unseen", "F", "Mix", "J",
-                                "Mix", "F", "Null", "S"]
+                                "Mix", "F", "Null", "S", "Struct", "Class"]
     assert [line.split()[0] for line in lines[2:]] == ["teacher", "sft", "reflect", "grpo"]
     for stage in stages.STAGES:
         res = json.loads((layout.dir / "eval" / stage / "results.json").read_text())
@@ -146,7 +146,12 @@ def test_evaluation_results_and_table(chain):
             for p in ("official", "split"):
                 assert set(m[p]) == names and all(0.0 <= v <= 1.0 for v in m[p].values())
                 assert all(m[k] == m["official"][k] for k in names) and m["rows"] > 0
-            assert 0.0 <= m["no_seg_frac"] <= 1.0
+            assert 0.0 <= m["no_seg_frac"] <= 1.0 and 0.0 <= m["structure_rate"] <= 1.0
+            # J by expression kind, from the kinds the synthetic generator stores in the shards
+            kinds = {"null"} if split == "test_n" else {"category", "position", "sound", "time", "combo"}
+            assert set(m["by_kind"]) <= kinds and sum(v["rows"] for v in m["by_kind"].values()) == m["rows"]
+            assert all(0.0 <= v["J"] <= 1.0 for v in m["by_kind"].values())
+        assert res["table"]["Struct"] == res["splits"]["test_s"]["structure_rate"]
         for p, t in res["tables"].items():
             assert t["Mix J"] == pytest.approx((t["Seen J"] + t["Unseen J"]) / 2)
             assert t["Null S"] == pytest.approx(res["splits"]["test_n"][p]["S"])

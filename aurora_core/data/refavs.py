@@ -166,29 +166,36 @@ def read_metadata(root: Path) -> tuple[list[MetaRow], Counter[str]]:
     return rows, skipped
 
 
-def read_cot(root: Path) -> dict[str, tuple[str, int]] | None:
-    """``cot.jsonl`` if the dataset has one: key -> (CoT target, line in cot.jsonl). A key is a uid
-    or a row key (``<uid>#<csv line>``, for the later rows of a duplicated uid)."""
+@dataclass(frozen=True)
+class CotEntry:
+    cot: str  # the structured CoT target
+    line: int  # line in cot.jsonl
+    kind: str = ""  # optional expression kind (our synthetic data: category, position, sound, time, combo, null)
+
+
+def read_cot(root: Path) -> dict[str, CotEntry] | None:
+    """``cot.jsonl`` if the dataset has one: key -> entry. A key is a uid or a row key
+    (``<uid>#<csv line>``, for the later rows of a duplicated uid)."""
     path = Path(root) / "cot.jsonl"
     if not path.is_file():
         return None
-    out: dict[str, tuple[str, int]] = {}
+    out: dict[str, CotEntry] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-                key, cot = str(obj["uid"]), str(obj["cot"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                key, cot, kind = str(obj["uid"]), str(obj["cot"]), str(obj.get("kind", ""))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise DatasetError(f"{path}:{n}: expected a JSON object with 'uid' and 'cot' ({e})") from None
             if key in out:
-                raise DatasetError(f"{path}: {key!r} is on line {out[key][1]} and on line {n}; keep one")
-            out[key] = (cot, n)
+                raise DatasetError(f"{path}: {key!r} is on line {out[key].line} and on line {n}; keep one")
+            out[key] = CotEntry(cot, n, kind)
     return out
 
 
-def resolve_cot(rows: list[MetaRow], cot: dict[str, tuple[str, int]]) -> list[MetaRow]:
+def resolve_cot(rows: list[MetaRow], cot: dict[str, CotEntry]) -> list[MetaRow]:
     """Attach to each row the problem of its CoT lookup, if any (the rows are returned; the lookup
     itself is :func:`cot_for`). A CoT keyed by a bare uid that names several *different* rows
     (same uid, other fid or expression) is ambiguous unless those rows have row-keyed CoTs."""
@@ -205,15 +212,15 @@ def resolve_cot(rows: list[MetaRow], cot: dict[str, tuple[str, int]]) -> list[Me
                 others = [o for o in by_uid[r.uid] if o is not r and (o.fid, o.exp) != (r.fid, r.exp)]
                 if others:  # the uid's first row owns a uid-keyed CoT (its row key is the uid)
                     a, b = sorted([r, others[0]], key=lambda x: x.line)
-                    problem = (f"cot.jsonl line {cot[r.uid][1]} keys its CoT by uid {r.uid!r}, which names different "
+                    problem = (f"cot.jsonl line {cot[r.uid].line} keys its CoT by uid {r.uid!r}, which names different "
                                f"rows on metadata.csv lines {a.line} and {b.line}; give the later row its own CoT "
                                f"under its row key {r.key!r}")
         out.append(r if problem == r.problem else dataclasses.replace(r, problem=problem))
     return out
 
 
-def cot_for(row: MetaRow, cot: dict[str, tuple[str, int]]) -> str:
-    return (cot.get(row.key) or cot[row.uid])[0]
+def cot_for(row: MetaRow, cot: dict[str, CotEntry]) -> CotEntry:
+    return cot.get(row.key) or cot[row.uid]
 
 
 def template_cot(exp: str, cls: str) -> str:
@@ -240,8 +247,8 @@ def safe_path(root: Path, *parts: str) -> Path:
 class RowLoader:
     """Reads and validates one metadata row's files into a shard row (a dict of Parquet columns)."""
 
-    def __init__(self, root: Path, num_frames: int, sample_rate: int, cot: dict[str, str] | None):
-        """``cot``: row key -> CoT target, already resolved (:func:`resolve_cot`); None: template CoTs."""
+    def __init__(self, root: Path, num_frames: int, sample_rate: int, cot: dict[str, CotEntry] | None):
+        """``cot``: row key -> CoT entry, already resolved (:func:`resolve_cot`); None: template CoTs."""
         self.root = Path(root).resolve()
         self.num_frames = num_frames
         self.sample_rate = sample_rate
@@ -298,11 +305,11 @@ class RowLoader:
             masks = [self._load_mask(row, folder, t, sizes[t]) for t in range(self.num_frames)]
         if self.cot is not None and row.key not in self.cot:
             raise BadRow(row.key, "cot.jsonl", f"no CoT target for row {row.key!r}")
-        cot = self.cot[row.key] if self.cot is not None else template_cot(row.exp, cls)
+        entry = self.cot[row.key] if self.cot is not None else CotEntry(template_cot(row.exp, cls), 0)
         return {
             "key": row.key, "line": row.line, "vid": row.vid, "uid": row.uid, "split": row.split, "fid": row.fid,
             "class": cls, "exp": row.exp, "has_target": cls != reasoning.NULL_CLASS, "frames": frames,
-            "audio": audio, "sample_rate": self.sample_rate, "masks": masks, "cot": cot,
+            "audio": audio, "sample_rate": self.sample_rate, "masks": masks, "cot": entry.cot, "kind": entry.kind,
             "height": sizes[0][0], "width": sizes[0][1], "media_from_vid": from_vid,
         }
 

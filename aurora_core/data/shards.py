@@ -37,7 +37,7 @@ from aurora_core.data.refavs import SPLITS, BadRow, MetaRow, RowLoader, cot_for,
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: row keys and metadata lines (duplicated uids of the real release)
+SCHEMA_VERSION = 3  # 2: row keys and metadata lines (duplicated uids of the real release); 3: kind
 SCHEMA = pa.schema([
     ("key", pa.string()),  # unique row key: the uid, or <uid>#<csv line> for a uid's later rows
     ("line", pa.int32()),  # line in metadata.csv (header = 1): the official evaluation order
@@ -48,6 +48,7 @@ SCHEMA = pa.schema([
     ("sample_rate", pa.int32()),
     ("masks", pa.list_(pa.binary())),  # 8-bit PNG, 0 = background, 255 = target
     ("cot", pa.string()),  # ground-truth structured chain of thought
+    ("kind", pa.string()),  # what the expression asks (synthetic: category/position/sound/time/combo/null), or ""
     ("height", pa.int32()), ("width", pa.int32()),  # of frame 0, as released
 ])
 
@@ -90,7 +91,7 @@ class ChunkResult:
 
 
 def _convert_chunk(root: str, rows: list[MetaRow], idx: int, out: str, num_frames: int, sample_rate: int,
-                   cot: dict[str, str] | None, lenient: bool) -> ChunkResult:
+                   cot: dict | None, lenient: bool) -> ChunkResult:
     """Worker: load one chunk, write its shard(s)."""
     loader = RowLoader(Path(root), num_frames, sample_rate, cot)
     by_split: dict[str, list[dict[str, Any]]] = {}
@@ -278,7 +279,7 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
             raise ValueError(f"row {batch['uid'][i]}: audio at {sr} Hz, expected data.sample_rate={sample_rate}; "
                              "re-run prepare_data with this sample rate")
         audio[i, : min(L, len(wav))] = wav[:L]
-    out = {k: np.asarray(batch[k]) for k in ("key", "uid", "vid", "split", "class", "exp", "cot")}
+    out = {k: np.asarray(batch[k]) for k in ("key", "uid", "vid", "split", "class", "exp", "cot", "kind")}
     out.update(line=np.asarray(batch["line"], dtype=np.int64), has_target=np.asarray(batch["has_target"], dtype=bool),
                frames=frames, masks=masks, audio=audio)
     if score_masks is not None:

@@ -9,7 +9,8 @@ category, by sound, by position, by time and by combinations, so audio and visio
 Splits: ``train``/``val``/``test_s`` draw from the seen categories; ``test_u`` targets categories never
 used in train/val and refers to them only by cues that generalise (sound, position, time);
 ``test_n`` names categories that are absent (class ``null``, empty masks). Every expression also gets
-its ground-truth structured chain of thought (``cot.jsonl`` beside ``metadata.csv``).
+its ground-truth structured chain of thought and its kind (``cot.jsonl`` beside ``metadata.csv``:
+``{"uid", "cot", "kind"}``), so that evaluation can break J down by what an expression asks.
 
 The release's quirks are mirrored so that every consumer meets them: ``test_n`` clips live in
 ``media/null_c-<vid>/`` (their uids are ``null_c-<vid>_null_<k>``, their vid column the plain id), and
@@ -111,6 +112,7 @@ class SynthExpression:
     target: int | None  # index into the clip's objects; None = null (absent referent)
     cls: str
     cot: str
+    kind: str = ""  # category | position | sound | time | combo | null (stored in the shards)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -301,12 +303,13 @@ def make_expressions(objs: list[SynthObject], split: str, absent: list[Category]
             match = f"The {o.cat.name} is {where(o)}"
         else:
             match = f"There is a {o.cat.name} {where(o)}"
-        out.append(SynthExpression(exp, objs.index(o), o.cat.name, _cot(objs, asks, match, o.cat.name)))
+        out.append(SynthExpression(exp, objs.index(o), o.cat.name, _cot(objs, asks, match, o.cat.name), kind))
     for _ in range(num_null):
         c = absent[int(rng.integers(len(absent)))]
         exp = f"the {c.name}"
         out.append(SynthExpression(exp, None, reasoning.NULL_CLASS,
-                                   _cot(objs, exp, f"There is no {c.name} in the video", reasoning.NULL_CLASS)))
+                                   _cot(objs, exp, f"There is no {c.name} in the video", reasoning.NULL_CLASS),
+                                   "null"))
     return out
 
 
@@ -381,7 +384,7 @@ def _write(tmp: Path, data: DataConfig, syn: SyntheticConfig) -> dict[str, int]:
                         (mdir / f"{t:05d}.png").write_bytes(encode_png(m).numpy().tobytes())
                 line = len(rows) + 2  # metadata.csv line (header = 1)
                 rows.append({"vid": vid, "uid": uid, "split": split, "fid": fid, "exp": e.exp})
-                cots.append({"uid": row_key(uid, line, uid not in seen_uids), "cot": e.cot})
+                cots.append({"uid": row_key(uid, line, uid not in seen_uids), "cot": e.cot, "kind": e.kind})
                 seen_uids.add(uid)
                 counts[split] += 1
 
@@ -394,7 +397,7 @@ def _write(tmp: Path, data: DataConfig, syn: SyntheticConfig) -> dict[str, int]:
                 e0 = exps[0]
                 add(f"{folder}_{e0.cls}_0", "0", e0)
                 add(f"{folder}_{e0.cls}_0", str(len(exps)),
-                    SynthExpression(f"{e0.exp.rstrip('.')} in the video", e0.target, e0.cls, e0.cot))
+                    SynthExpression(f"{e0.exp.rstrip('.')} in the video", e0.target, e0.cls, e0.cot, e0.kind))
         log.info("synthetic %s: %d clips, %d expressions", split, syn.clips(split), counts[split])
     with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["vid", "uid", "split", "fid", "exp"])

@@ -51,8 +51,9 @@ def _last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class AuroraModel(nn.Module):
-    def __init__(self, llm: nn.Module, sam: nn.Module, seg_token_id: int, mask_size: int):
+    def __init__(self, llm: nn.Module, sam: nn.Module, seg_token_id: int, mask_size: int, encoder_batch: int = 8):
         super().__init__()
+        self.encoder_batch = encoder_batch  # frames per SAM image-encoder call (model.encoder_batch)
         self.llm = llm
         self.sam = sam
         hidden = llm.config.get_text_config().hidden_size
@@ -91,7 +92,10 @@ class AuroraModel(nn.Module):
         return self.llm.get_base_model() if self.has_lora else self.llm
 
     # ------------------------------------------------------------------ forward
-    def forward(self, inputs: ModelInputs, with_masks: bool = True, seg_from: int = 0) -> AuroraOutput:
+    def forward(self, inputs: ModelInputs, with_masks: bool = True, seg_from: int = 0,
+                image_embeddings: torch.Tensor | None = None) -> AuroraOutput:
+        """``image_embeddings`` [B*T, D, e, e]: the SAM encoder's output for ``inputs.sam_pixel_values``
+        when already computed (it is frozen: G samples of one prompt share it)."""
         out = self.llm(**inputs.thinker_kwargs(), output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]  # post-norm last layer: what lm_head reads
         is_seg = inputs.input_ids == self.seg_token_id
@@ -101,19 +105,21 @@ class AuroraModel(nn.Module):
         has_seg, pos = _last_index(is_seg)  # the answer's (last) [SEG]
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         seg = self.seg_proj(h) * has_seg[:, None].to(h.dtype)
-        masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg) if with_masks else None
+        masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg, image_embeddings) if with_masks else None
         return AuroraOutput(out.logits, seg, has_seg, masks)
 
     def image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        b, t = sam_pixel_values.shape[:2]
+        """[B, T, 3, s, s] -> [B*T, D, e, e], ``encoder_batch`` frames per encoder call."""
+        frames = sam_pixel_values.flatten(0, 1)
         with torch.no_grad():  # frozen encoder: no activations kept for backward
-            emb = self.sam.vision_encoder(sam_pixel_values.flatten(0, 1)).last_hidden_state
-        return emb
+            return torch.cat([self.sam.vision_encoder(frames[i:i + self.encoder_batch]).last_hidden_state
+                              for i in range(0, frames.shape[0], self.encoder_batch)])
 
-    def decode_masks(self, seg: torch.Tensor, sam_pixel_values: torch.Tensor, has_seg: torch.Tensor) -> torch.Tensor:
+    def decode_masks(self, seg: torch.Tensor, sam_pixel_values: torch.Tensor, has_seg: torch.Tensor,
+                     image_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """[B, D] prompts x [B, T, 3, s, s] frames -> mask logits [B, T, S, S] (S = mask_size)."""
         b, t = sam_pixel_values.shape[:2]
-        emb = self.image_embeddings(sam_pixel_values)  # [B*T, D, e, e]
+        emb = self.image_embeddings(sam_pixel_values) if image_embeddings is None else image_embeddings
         pe = self.sam.get_image_wide_positional_embeddings().to(emb.dtype).repeat(b * t, 1, 1, 1)
         with torch.no_grad():
             _, dense = self.sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=None,
@@ -148,7 +154,11 @@ class AuroraModel(nn.Module):
         is_end = comp == eos_id
         comp_mask = ((is_end.long().cumsum(1) - is_end.long()) == 0).long()  # through the first end token
         comp = comp.masked_fill(comp_mask == 0, pad_id)
-        out, logits = self.forward_completions(prompts.repeat_interleave(g), comp, comp_mask)
+        # the frozen SAM encoder once per prompt's frames, shared by its g samples
+        t = prompts.sam_pixel_values.shape[1]
+        emb = self.image_embeddings(prompts.sam_pixel_values)
+        emb = emb.unflatten(0, (-1, t)).repeat_interleave(g, 0).flatten(0, 1)
+        out, logits = self.forward_completions(prompts.repeat_interleave(g), comp, comp_mask, image_embeddings=emb)
         logprobs = token_logprobs(logits, comp, temperature if do_sample else 1.0) * comp_mask
         texts = [decode(row[m.bool()]) for row, m in zip(comp, comp_mask)]
         return Rollouts(texts, comp, comp_mask, logprobs, out.mask_logits, out.has_seg)
@@ -170,13 +180,13 @@ class AuroraModel(nn.Module):
         return masks
 
     def forward_completions(self, prompts: ModelInputs, completion_ids: torch.Tensor,
-                            completion_mask: torch.Tensor, with_masks: bool = True
-                            ) -> tuple[AuroraOutput, torch.Tensor]:
+                            completion_mask: torch.Tensor, with_masks: bool = True,
+                            image_embeddings: torch.Tensor | None = None) -> tuple[AuroraOutput, torch.Tensor]:
         """Teacher-forced forward of (left-padded) prompts + completions, one row each; returns the
         output and the logits that predict each completion token ([N, C, V])."""
         full = with_completions(prompts, completion_ids, completion_mask)
         p = prompts.input_ids.shape[1]
-        out = self.forward(full, with_masks=with_masks, seg_from=p)
+        out = self.forward(full, with_masks=with_masks, seg_from=p, image_embeddings=image_embeddings)
         return out, out.logits[:, p - 1:-1]
 
 

@@ -134,7 +134,7 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
     proc = AuroraProcessor(tok, m, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.tiny.init_seed + 2)
-        model = AuroraModel(llm, sam, proc.seg_id, data.frame_size)
+        model = AuroraModel(llm, sam, proc.seg_id, data.frame_size, m.encoder_batch)
     model.seg_proj.to(dtype)
     return model, proc
 
@@ -213,9 +213,10 @@ def is_export(path: Path) -> bool:
     return (Path(path) / "aurora.json").is_file()
 
 
-def load_export(path: str | Path, data: DataConfig, trainable: bool = True,
-                dtype: str | None = None) -> tuple[AuroraModel, AuroraProcessor, ModelConfig]:
-    """Rebuild a model from an export directory (safetensors only, never unpickling)."""
+def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtype: str | None = None,
+                encoder_batch: int | None = None) -> tuple[AuroraModel, AuroraProcessor, ModelConfig]:
+    """Rebuild a model from an export directory (safetensors only, never unpickling). ``dtype`` and
+    ``encoder_batch`` (runtime settings of this process) override what the export recorded."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -227,6 +228,8 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True,
     m: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
     if dtype:
         m.dtype = dtype
+    if encoder_batch:
+        m.encoder_batch = encoder_batch
     tdt = torch_dtype(m.dtype)
     tok = load_tokenizer(path / "tokenizer")
     if meta["lora"]:
@@ -242,7 +245,7 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True,
     sam_dir = path / "sam" if (path / "sam").is_dir() else m.sam_path
     sam = SamModel.from_pretrained(str(sam_dir), local_files_only=True, dtype=tdt, use_safetensors=True)
     proc = AuroraProcessor(tok, m, data)
-    model = AuroraModel(llm, sam, proc.seg_id, data.frame_size)
+    model = AuroraModel(llm, sam, proc.seg_id, data.frame_size, m.encoder_batch)
     heads = load_file(str(path / "heads.safetensors"))
     model.seg_proj.load_state_dict({k[len("seg_proj."):]: v for k, v in heads.items() if k.startswith("seg_proj.")})
     model.sam.mask_decoder.load_state_dict(

@@ -35,6 +35,7 @@ class LearnerBatch:
     """One rank's share of a step, padded and repeated, with the global counts the losses divide by."""
 
     prompts: ModelInputs  # [n] each prompt repeated G times (n = this rank's completions)
+    image_embeddings: torch.Tensor  # [n * T, D, e, e] SAM image embeddings of each completion's frames
     completion_ids: torch.Tensor  # [n, C] long, pad_id after the end token
     completion_mask: torch.Tensor  # [n, C] long, 1 on generated tokens
     policy_mask: torch.Tensor  # [n, C] long, the tokens of the policy/KL terms (grpo.overlong)
@@ -80,7 +81,8 @@ class LearnerWorker:
         dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
                                 rank=self.rank, world_size=self.world)
         torch.manual_seed(self.cfg.run.seed * 100 + self.rank)
-        model, self.proc, _ = load_export(self.init_export, self.cfg.data, trainable=True)
+        model, self.proc, _ = load_export(self.init_export, self.cfg.data, trainable=True,
+                                             encoder_batch=self.cfg.model.encoder_batch)
         model.to(self.device)
         opt = zero3.Optimization.for_grpo(g)
         self.engine, self.scheduler = zero3.initialize(model, zero3.deepspeed_config(g.deepspeed_config, opt, gpu), opt)
@@ -101,7 +103,7 @@ class LearnerWorker:
         lr = float(self.scheduler.get_last_lr()[0])  # the LR this step's update uses
         batch = self._prepare({k: v[rows[0]:rows[1]] for k, v in clips.items()}, groups, advantages)
         sums, extremes = self._update(batch)
-        return self._metrics(sums, extremes, batch, lr, t0)
+        return self._metrics(sums, extremes, lr, t0)
 
     def _prepare(self, clips: dict[str, np.ndarray], groups: list[RolloutGroup], advantages: np.ndarray
                  ) -> LearnerBatch:
@@ -128,8 +130,14 @@ class LearnerWorker:
         counts = torch.tensor([float(pmask.sum()), float((pmask.sum(1) > 0).sum()), float(cmask.shape[0])],
                               dtype=torch.float64)
         dist.all_reduce(counts)
+        prompts = self.proc.prompt_batch(sub)
+        # the frozen SAM encoder once per prompt per step, not per sample and iteration (every rank
+        # holds the same number of prompts, so ZeRO-3's parameter gathers stay in step)
+        t = prompts.sam_pixel_values.shape[1]
+        emb = self.engine.module.image_embeddings(prompts.sam_pixel_values.to(self.device, self.dtype))
         return LearnerBatch(
-            prompts=self.proc.prompt_batch(sub).repeat_interleave(G),
+            prompts=prompts.repeat_interleave(G),
+            image_embeddings=emb.unflatten(0, (-1, t)).repeat_interleave(G, 0).flatten(0, 1),
             completion_ids=cat("completion_ids", self.proc.pad_id, torch.long), completion_mask=cmask,
             policy_mask=pmask, old_logprobs=cat("logprobs", 0.0, torch.float32),
             ref_logprobs=cat("ref_logprobs", 0.0, torch.float32) if g.kl_coef > 0 else None,
@@ -153,7 +161,9 @@ class LearnerWorker:
                 stop = min(n, start + g.micro_batch)
                 ids, cm = b.completion_ids[start:stop].to(dev), b.completion_mask[start:stop].to(dev)
                 pm = b.policy_mask[start:stop].to(dev)
-                out, logits = _forward(self.engine, b.prompts.rows(start, stop).to(dev, self.dtype), ids, cm)
+                t = b.masks_gt.shape[1]
+                out, logits = _forward(self.engine, b.prompts.rows(start, stop).to(dev, self.dtype), ids, cm,
+                                       b.image_embeddings[start * t:stop * t])
                 logp = token_logprobs(logits, ids, g.temperature)
                 pg, ratio, clipped = grpo.clipped_surrogate(logp, b.old_logprobs[start:stop].to(dev),
                                                             b.advantages[start:stop].to(dev), g.clip_eps,
@@ -190,8 +200,7 @@ class LearnerWorker:
                         extremes["ratio_min"] = min(extremes["ratio_min"], float(r.min()))
         return sums, extremes
 
-    def _metrics(self, sums: dict[str, float], extremes: dict[str, float], b: LearnerBatch, lr: float,
-                 t0: float) -> dict[str, float]:
+    def _metrics(self, sums: dict[str, float], extremes: dict[str, float], lr: float, t0: float) -> dict[str, float]:
         """Sums over ranks (and max/min of the ratio), per iteration where a term is a loss."""
         import torch.distributed as dist
 
@@ -278,12 +287,12 @@ class LearnerWorker:
             export_with_weights(self.init_export, self.cfg.model, self.cfg.data, w, Path(out), extra)
 
 
-def _forward(engine, prompts, ids, cmask):
+def _forward(engine, prompts, ids, cmask, image_embeddings):
     """Through the DeepSpeed engine (its forward does ZeRO-3's parameter bookkeeping)."""
     from aurora_core.model.aurora import with_completions
 
     p = prompts.input_ids.shape[1]
-    out = engine(with_completions(prompts, ids, cmask), True, p)
+    out = engine(with_completions(prompts, ids, cmask), True, p, image_embeddings)
     return out, out.logits[:, p - 1:-1]
 
 

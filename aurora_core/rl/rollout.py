@@ -41,7 +41,8 @@ class RolloutWorker:
         g = self.cfg.grpo
         self.weights = RewardWeights(g.reward_format, g.reward_class, g.reward_iou, g.iou_threshold)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False)
+        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False,
+                                                 encoder_batch=self.cfg.model.encoder_batch)
         self.model.to(self.device).eval()
         self.dtype = next(self.model.llm.parameters()).dtype
         self.params = {n: p for n, p in self.model.named_parameters()}

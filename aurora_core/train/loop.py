@@ -70,7 +70,7 @@ def initial_model(cfg: AuroraConfig, spec: StageSpec):
     from aurora_core.model.build import build_model, load_export
 
     if spec.init:
-        return load_export(spec.init, cfg.data, trainable=True)
+        return load_export(spec.init, cfg.data, trainable=True, encoder_batch=cfg.model.encoder_batch)
     model, proc = build_model(cfg.model, cfg.data)
     return model, proc, cfg.model
 
@@ -301,6 +301,17 @@ def train_worker(config: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- driver
 
+def _ordered_ingest():
+    """Ray Train's default ingest options with ``preserve_order``: the epoch's seeded block order reaches
+    the workers as it is (map tasks finishing out of order would reorder it), so which rows each rank
+    trains on, and in which order, is the same from run to run with the same seed."""
+    from ray.train import DataConfig
+
+    opts = DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
+
+
 def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     """Train one stage on Ray Train; returns the final reported metrics."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -339,7 +350,7 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
             name=spec.stage, storage_path=str(cfg.run.dir / "ray_train"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split="all"),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split="all", execution_options=_ordered_ingest()),
     )
     log.info("%s: %d workers, %d steps per epoch, %d epochs", spec.stage, w, steps_per_epoch, st.epochs)
     result = trainer.fit()

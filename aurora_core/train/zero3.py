@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 def import_deepspeed():
     """Import DeepSpeed with two traps avoided: ``deepspeed.zero.Init`` fails with a signature mismatch
     unless ``torch._dynamo`` is imported first, and the CPU accelerator JIT-builds an op at start."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # the accelerator of *this* process: a Ray actor without a GPU sees none (CUDA_VISIBLE_DEVICES="")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     importlib.import_module("torch._dynamo")  # zero.Init's signature checks need it imported first
     import deepspeed
 
