@@ -108,9 +108,6 @@ def table_title(cfg: AuroraConfig, protocol: str | None = None) -> str:
     return f"Ref-AVS, split protocol (metrics over all frames of a split at once; {size}):"
 
 
-TABLE_NOTE = "Struct / Class: test_s answers that reason in the four steps / name the right class"
-
-
 def overlays(cfg: AuroraConfig, shards_dir: Path, rows: list[dict[str, Any]], splits: list[str]):
     """(tag, PNG) for the best and the worst clips of each split (by IoU of the answer's masks)."""
     from torchvision.io import decode_png
