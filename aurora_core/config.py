@@ -29,8 +29,15 @@ def _check(cond: bool, msg: str) -> None:
 
 
 class Source(str, Enum):
-    synthetic = "synthetic"
-    refavs = "refavs"
+    synthetic = "synthetic"  # our generator, in the Ref-AVS layout (or the AVSBench one with data.subset)
+    refavs = "refavs"  # the Ref-AVS release (GeWu-Lab) at data.root
+    avsbench = "avsbench"  # the AVSBench release (OpenNLPLab) at data.root, subset data.subset
+
+
+REFAVS_SPLITS = ("train", "val", "test_s", "test_u", "test_n")
+AVSBENCH_SPLITS = ("train", "val", "test")
+AVSBENCH_SUBSETS = ("s4", "ms3")
+AVSBENCH_FRAMES = 5  # AVSBench clips: 5 frames (one per second), 5 s of audio
 
 
 @dataclass
@@ -61,6 +68,11 @@ class SyntheticConfig:
     expressions_per_clip: int = 4
     null_expressions_per_train_clip: float = 0.25  # expected null rows per train clip
     image_size: int = 64  # raw frame resolution written to disk (frames per clip: data.num_frames)
+    # the unreferenced set in the AVSBench layout (aurora_core.data.synthetic.generate_avsbench),
+    # clips per split of each subset (S4: one sounding object, MS3: several)
+    avs_train_clips: int = 24
+    avs_val_clips: int = 8
+    avs_test_clips: int = 16
 
     def __post_init__(self) -> None:
         _check(self.scale > 0, f"data.synthetic.scale must be > 0, got {self.scale}")
@@ -72,12 +84,19 @@ class SyntheticConfig:
     def clips(self, split: str) -> int:
         return max(1, round(getattr(self, f"{split}_clips") * self.scale))
 
+    def avs_clips(self, split: str) -> int:
+        return max(1, round(getattr(self, f"avs_{split}_clips") * self.scale))
+
 
 @dataclass
 class DataConfig:
     source: Source = Source.synthetic
     root: Optional[str] = None  # dataset in the official layout; synthetic default: <run>/data/raw
-    shards: Optional[str] = None  # Parquet shard set; default: <run>/data/shards
+    shards: Optional[str] = None  # Parquet shard set; default: <run>/data/shards (AVSBench: shards-<subset>)
+    # None: the Ref-AVS benchmark; s4 | ms3: an AVSBench subset (unreferenced: every row's
+    # expression is data.unref_expression), from the release (source=avsbench) or synthetic
+    subset: Optional[str] = None
+    unref_expression: str = "the objects making sounds."
     num_frames: int = 10  # frames (and masks) per clip: {0..N-1}.jpg
     sample_rate: int = 16000  # audio is resampled to this rate when converted
     audio_seconds: float = 10.0  # decoded audio is padded/cut to this length
@@ -93,12 +112,39 @@ class DataConfig:
         _check(self.frame_size >= 16, "data.frame_size must be >= 16")
         _check(self.rows_per_shard >= 1, "data.rows_per_shard must be >= 1")
         _check(self.conversion_workers >= 1, "data.conversion_workers must be >= 1")
+        _check(self.subset in (None, *AVSBENCH_SUBSETS),
+               f"data.subset must be null (Ref-AVS) or one of {', '.join(AVSBENCH_SUBSETS)}, got {self.subset!r}")
+        _check(self.source != Source.avsbench or self.subset is not None,
+               "data.source=avsbench needs data.subset=s4 or ms3")
+        _check(self.source != Source.refavs or self.subset is None,
+               "data.subset is for AVSBench; the Ref-AVS release (data.source=refavs) has none")
+        _check(self.subset is None or self.num_frames == AVSBENCH_FRAMES,
+               f"AVSBench clips have {AVSBENCH_FRAMES} frames: set data.num_frames={AVSBENCH_FRAMES} "
+               f"(and data.audio_seconds=5) with data.subset={self.subset}")
+
+    @property
+    def benchmark(self) -> str:
+        return "refavs" if self.subset is None else "avsbench"
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return REFAVS_SPLITS if self.subset is None else AVSBENCH_SPLITS
+
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        return ("test_s", "test_u", "test_n") if self.subset is None else ("test",)
 
     def raw_dir(self, run: RunConfig) -> Path:
-        return Path(self.root).expanduser().resolve() if self.root else run.dir / "data" / "raw"
+        """The dataset root: data.root, else where the generator writes (Ref-AVS: data/raw; AVSBench:
+        data/raw-avsbench, holding Single-source/ and Multi-sources/ as the release does)."""
+        if self.root:
+            return Path(self.root).expanduser().resolve()
+        return run.dir / "data" / ("raw" if self.subset is None else "raw-avsbench")
 
     def shards_dir(self, run: RunConfig) -> Path:
-        return Path(self.shards).expanduser().resolve() if self.shards else run.dir / "data" / "shards"
+        if self.shards:
+            return Path(self.shards).expanduser().resolve()
+        return run.dir / "data" / ("shards" if self.subset is None else f"shards-{self.subset}")
 
 
 @dataclass
@@ -316,7 +362,7 @@ class GRPOConfig:
 
 @dataclass
 class EvalConfig:
-    splits: list[str] = field(default_factory=lambda: ["test_s", "test_u", "test_n"])
+    splits: Optional[list[str]] = None  # None: the benchmark's test splits (Ref-AVS test_s/u/n, AVSBench test)
     batch_size: int = 8
     actors: int = 2
     cpus_per_actor: float = 1.0
@@ -335,12 +381,31 @@ class EvalConfig:
     no_seg: str = "empty"
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.splits if s not in ("train", "val", "test_s", "test_u", "test_n")]
+        bad = [s for s in self.splits or () if s not in REFAVS_SPLITS + AVSBENCH_SPLITS]
         _check(not bad, f"eval.splits: unknown split(s) {bad}")
         _check(self.protocol in ("official", "split"), f"eval.protocol must be official or split, got {self.protocol!r}")
         _check(self.protocol_batch_clips >= 1, "eval.protocol_batch_clips must be >= 1")
         _check(self.score_size >= 16, "eval.score_size must be >= 16")
         _check(self.no_seg in ("empty", "force"), f"eval.no_seg must be empty or force, got {self.no_seg!r}")
+
+
+@dataclass
+class UnreferencedConfig:
+    """Zero-shot unreferenced segmentation (AVSBench S4 / MS3): pipelines/all.py evaluates every
+    stage's export on the test split of each subset, after the Ref-AVS table."""
+
+    subsets: list[str] = field(default_factory=lambda: ["s4", "ms3"])  # []: no unreferenced table
+    source: Source = Source.synthetic  # synthetic (generated in the AVSBench layout) or avsbench (the release)
+    root: Optional[str] = None  # the AVSBench release: the folder holding Single-source/ and Multi-sources/
+    audio_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.subsets if s not in AVSBENCH_SUBSETS]
+        _check(not bad, f"unreferenced.subsets: unknown subset(s) {bad}; subsets are {', '.join(AVSBENCH_SUBSETS)}")
+        _check(self.source in (Source.synthetic, Source.avsbench),
+               f"unreferenced.source must be synthetic or avsbench, got {self.source.value}")
+        _check(self.source != Source.avsbench or self.root is not None,
+               "unreferenced.source=avsbench needs unreferenced.root (the AVSBench release folder)")
 
 
 @dataclass
@@ -368,6 +433,7 @@ class AuroraConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    unreferenced: UnreferencedConfig = field(default_factory=UnreferencedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -377,6 +443,23 @@ class AuroraConfig:
                f"grpo.max_new_tokens={g.max_new_tokens} is below model.max_answer_tokens={m.max_answer_tokens}: "
                "rollouts would be cut before 'It is [SEG].' (format 0, empty masks); raise grpo.max_new_tokens "
                "or set grpo.allow_truncation=true for a smoke run")
+        bad = [s for s in self.eval.splits or () if s not in self.data.splits]
+        _check(not bad, f"eval.splits {bad} are not splits of the {self.data.benchmark} benchmark "
+                        f"({', '.join(self.data.splits)})")
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return list(self.eval.splits or self.data.test_splits)
+
+    def for_unreferenced(self, subset: str) -> "AuroraConfig":
+        """This run's config with the data swapped for an AVSBench subset (zero-shot evaluation):
+        5 frames, the unreferenced source and root, its own shard set; everything else unchanged."""
+        import dataclasses
+
+        u = self.unreferenced
+        data = dataclasses.replace(self.data, source=u.source, root=u.root, shards=None, subset=subset,
+                                   num_frames=AVSBENCH_FRAMES, audio_seconds=u.audio_seconds)
+        return dataclasses.replace(self, data=data, eval=dataclasses.replace(self.eval, splits=None))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AuroraConfig:

@@ -1,7 +1,8 @@
-"""Evaluation on the Ref-AVS test splits: the model answers (greedy) on a Ray Data actor pool, each
-row's metric counts come back with its metadata line, and per split the rows, put back in metadata
-order, are aggregated under both protocols of aurora_core.metrics (``official``: per-batch means over
-batches of 4 clips, as the benchmark's own test loop; ``split``: all frames at once). The table of
+"""Evaluation on the test splits of the run's benchmark (Ref-AVS, or an AVSBench subset when
+``data.subset`` is set): the model answers (greedy) on a Ray Data actor pool, each row's metric
+counts come back with its metadata line, and per split the rows, put back in metadata order, are
+aggregated under both protocols of aurora_core.metrics (``official``: per-batch means over batches
+of 4 clips, as the benchmark's own test loop; ``split``: all frames at once). The table of
 ``eval.protocol`` is printed; ``results.json`` and MLflow get both, with mask overlays of the best and
 worst clips."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,50 @@ import torch
 from aurora_core.config import AuroraConfig
 from aurora_core.data import shards
 from aurora_core.infer import predict
-from aurora_core.metrics import PROTOCOLS, SplitMetrics, format_table, protocol_from_rows, refavs_table
+from aurora_core.metrics import (AVS_COLUMNS, AVS_J_THRESHOLD, AVS_SCORE_SIZE, J_THRESHOLD, PROTOCOLS, TABLE_COLUMNS,
+                                  SplitMetrics, avsbench_table, format_table, protocol_from_rows, refavs_table)
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """How the run's benchmark scores a split (see aurora_core.metrics)."""
+
+    benchmark: str  # refavs | avsbench
+    subset: str | None  # AVSBench s4 | ms3
+    j_threshold: float  # sigmoid threshold of J: Ref-AVS 0.4, AVSBench 0.5
+    score_size: int  # masks are scored at score_size^2: Ref-AVS eval.score_size (256), AVSBench 224
+    batch_clips: int  # clips per batch of the official protocol (4 for both benchmarks)
+    columns: tuple[str, ...]  # the table's columns
+
+    def table(self, per_split: dict[str, dict[str, Any]], protocol: str) -> dict[str, float | None]:
+        if self.benchmark == "refavs":
+            row = refavs_table({s: m[protocol] for s, m in per_split.items()})
+            shown = per_split.get("test_s")
+        else:
+            row = avsbench_table({self.subset: per_split["test"][protocol]} if "test" in per_split else {})
+            shown = per_split.get("test")
+        if shown is not None:  # structure rate and class accuracy of the seen (Ref-AVS) / test (AVSBench) split
+            row.update({"Struct": shown["structure_rate"], "Class": shown["class_acc"]})
+        return row
+
+
+def scoring(cfg: AuroraConfig) -> Scoring:
+    e, d = cfg.eval, cfg.data
+    if d.subset is None:
+        return Scoring("refavs", None, J_THRESHOLD, e.score_size, e.protocol_batch_clips, TABLE_COLUMNS)
+    cols = tuple(c for c in AVS_COLUMNS if c.startswith(d.subset.upper() + " "))
+    return Scoring("avsbench", d.subset, AVS_J_THRESHOLD, AVS_SCORE_SIZE, e.protocol_batch_clips, cols)
+
+
 def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path, splits: list[str],
              name: str, logger=None) -> dict[str, Any]:
-    e = cfg.eval
+    e, sc = cfg.eval, scoring(cfg)
     t0 = time.time()
     ds = predict(cfg, model_dir, shards_dir, splits, "answer", actors=e.actors, batch_size=e.batch_size,
                  cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor, max_new_tokens=e.max_new_tokens,
-                 score_size=e.score_size, no_seg=e.no_seg)
+                 score_size=sc.score_size, no_seg=e.no_seg, j_threshold=sc.j_threshold)
     rows: list[dict[str, Any]] = []
     for r in ds.iter_rows():
         rows.append({k: r[k] for k in ("key", "line", "uid", "split", "class", "kind", "answer", "pred_class",
@@ -43,7 +77,7 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
         if not srows:
             raise ValueError(f"no rows of split {s} in {shards_dir}")
         accs = [SplitMetrics.from_state(json.loads(r["metrics"])) for r in srows]
-        both = {p: protocol_from_rows(accs, s, p, e.protocol_batch_clips) for p in PROTOCOLS}
+        both = {p: protocol_from_rows(accs, s, p, sc.batch_clips) for p in PROTOCOLS}
         per_split[s] = {**both[e.protocol], **{p: both[p] for p in PROTOCOLS}, "rows": len(srows),
                         "class_acc": float(np.mean([r["class_correct"] for r in srows])),
                         "format_rate": float(np.mean([r["well_formed"] for r in srows])),
@@ -53,13 +87,11 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
                         "no_seg_frac": float(np.mean([not r["has_seg"] for r in srows])),
                         "by_kind": by_kind(srows, accs)}
     for p in PROTOCOLS:
-        tables[p] = refavs_table({s: m[p] for s, m in per_split.items()})
-        if "test_s" in per_split:
-            tables[p].update({"Struct": per_split["test_s"]["structure_rate"], "Class": per_split["test_s"]["class_acc"]})
+        tables[p] = sc.table(per_split, p)
     table = tables[e.protocol]
-    result = {"model": str(model_dir), "name": name, "protocol": e.protocol, "no_seg": e.no_seg,
-              "splits": per_split, "table": table,
-              "tables": tables, "protocol_batch_clips": e.protocol_batch_clips, "score_size": e.score_size,
+    result = {"model": str(model_dir), "name": name, "benchmark": sc.benchmark, "subset": sc.subset,
+              "protocol": e.protocol, "no_seg": e.no_seg, "splits": per_split, "table": table, "tables": tables,
+              "protocol_batch_clips": sc.batch_clips, "score_size": sc.score_size, "j_threshold": sc.j_threshold,
               "seconds": time.time() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
@@ -68,8 +100,8 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
             f.write(json.dumps({k: (bool(v) if isinstance(v, np.bool_) else v) for k, v in r.items()
                                 if k not in ("pred_masks", "metrics")}, default=float) + "\n")
     other = "split" if e.protocol == "official" else "official"
-    text = (format_table({name: table}, table_title(cfg, e.protocol)) + "\n\n"
-            + format_table({name: tables[other]}, table_title(cfg, other)))
+    text = (format_table({name: table}, table_title(cfg, e.protocol), sc.columns) + "\n\n"
+            + format_table({name: tables[other]}, table_title(cfg, other), sc.columns))
     if logger:
         logger.metrics({f"eval/{k}": v for k, v in table.items() if v is not None}, 0)
         logger.metrics({f"eval/{p}/{k}": v for p, t in tables.items() for k, v in t.items() if v is not None}, 0)
@@ -99,9 +131,14 @@ def by_kind(rows: list[dict[str, Any]], accs: list[SplitMetrics]) -> dict[str, d
 
 
 def table_title(cfg: AuroraConfig, protocol: str | None = None) -> str:
-    """The line above a table: which protocol its numbers follow."""
-    e = cfg.eval
-    size = f"masks scored at {e.score_size}x{e.score_size}"
+    """The line above a table: which benchmark and protocol its numbers follow."""
+    e, sc = cfg.eval, scoring(cfg)
+    size = f"masks scored at {sc.score_size}x{sc.score_size}"
+    if sc.benchmark == "avsbench":
+        what = (f"test split in CSV order, mIoU (sigmoid > {sc.j_threshold}) and F per batch of {sc.batch_clips} "
+                "clips, mean over batches, as their test.py" if (protocol or e.protocol) == "official"
+                else "metrics over all frames of the test split at once")
+        return f"AVSBench {sc.subset.upper()}, {protocol or e.protocol} protocol ({what}; {size}):"
     if (protocol or e.protocol) == "official":
         return (f"Ref-AVS, official protocol (splits in metadata order, metrics per batch of {e.protocol_batch_clips} "
                 f"clips, mean over batches, as published tables; {size}):")

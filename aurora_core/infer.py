@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 class ExportPredictor:
     def __init__(self, export_dir: str, cfg: dict[str, Any], mode: str, max_new_tokens: int = 160,
-                 temperature: float = 0.0, seed: int = 0, score_size: int = 0, no_seg: str = "empty"):
+                 temperature: float = 0.0, seed: int = 0, score_size: int = 0, no_seg: str = "empty",
+                 j_threshold: float = 0.4):
         from aurora_core.model.build import load_export
 
         self.cfg = config_from_dict(cfg)
@@ -39,6 +40,7 @@ class ExportPredictor:
         self.temperature = temperature
         self.score_size = score_size  # >0: metrics at this size against the batch's score_masks (evaluation)
         self.no_seg = no_seg  # empty | force (eval.no_seg)
+        self.j_threshold = j_threshold  # sigmoid threshold of J: 0.4 Ref-AVS, 0.5 AVSBench (metrics)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False,
                                                  encoder_batch=self.cfg.model.encoder_batch)
@@ -76,11 +78,13 @@ class ExportPredictor:
                                                 "has_seg", "iou", "metrics", "pred_masks")}
         for i, text in enumerate(r.texts):
             p = reasoning.parse_answer(text)
-            if self.score_size:  # as the official protocol scores: 256 x 256, its own ground-truth resize
+            if self.score_size:  # as the official protocol scores: its size, its own ground-truth resize
                 pred, gt = score_logits(masks[i], self.score_size), b["score_masks"][i]
             else:
                 pred, gt = masks[i], b["masks"][i]
-            acc = SplitMetrics()
+            valid = b["gt_frames"][i]  # frames with a ground-truth mask
+            pred, gt = pred[valid], gt[valid]
+            acc = SplitMetrics(j_threshold=self.j_threshold)
             acc.update(pred, gt)
             out["key"].append(b["key"][i])
             out["line"].append(int(b["line"][i]))
@@ -94,7 +98,7 @@ class ExportPredictor:
             out["structured"].append(p.structured)
             out["kind"].append(b["kind"][i])
             out["has_seg"].append(bool(r.has_seg[i]))
-            out["iou"].append(mask_iou(pred, gt))
+            out["iou"].append(mask_iou(pred, gt, self.j_threshold))
             out["metrics"].append(json.dumps(acc.to_state()))
             fg = (torch.sigmoid(masks[i]) > 0.4).to(torch.uint8) * 255
             out["pred_masks"].append([encode_png(m[None]).numpy().tobytes() for m in fg])
@@ -107,9 +111,11 @@ class ExportPredictor:
 
 def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,
             actors: int, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
-            max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0, no_seg: str = "empty"):
+            max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0, no_seg: str = "empty",
+            j_threshold: float = 0.4):
     """A lazy Ray Dataset of predictions for the rows of ``splits`` (in no particular order: each row
-    carries its metadata ``line``). ``score_size``: per-row metrics as the official protocol scores."""
+    carries its metadata ``line``). ``score_size``: per-row metrics as the official protocol scores,
+    J at ``j_threshold``."""
     from aurora_core.runtime import init_ray
 
     init_ray(cfg)
@@ -120,7 +126,7 @@ def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs=dict(export_dir=str(export_dir), cfg=to_dict(cfg), mode=mode,
                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed,
-                                   score_size=score_size, no_seg=no_seg))
+                                   score_size=score_size, no_seg=no_seg, j_threshold=j_threshold))
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:

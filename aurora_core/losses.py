@@ -26,15 +26,26 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
-def mask_bce(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-pixel sigmoid BCE, averaged per mask then over masks. Shapes [..., H, W]."""
+def _mean_over_masks(per_mask: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-mask losses [...] over the masks with ground truth (``valid`` bool [...], None: all)."""
+    if valid is None:
+        return per_mask.mean()
+    w = valid.to(per_mask.device, per_mask.dtype)
+    return (per_mask * w).sum() / w.sum().clamp(min=1.0)  # no valid mask: 0, and the graph is kept
+
+
+def mask_bce(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel sigmoid BCE, averaged per mask then over masks. Shapes [..., H, W]; ``valid``
+    [...] bool leaves out masks without ground truth (AVSBench S4 train: frames 2..5)."""
     x = logits.float().flatten(-2)
     y = gt.to(x.dtype).flatten(-2)
-    return F.binary_cross_entropy_with_logits(x, y, reduction="none").mean(-1).mean()
+    return _mean_over_masks(F.binary_cross_entropy_with_logits(x, y, reduction="none").mean(-1), valid)
 
 
-def dice_loss(logits: torch.Tensor, gt: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice per mask, averaged over masks. Shapes [..., H, W].
+def dice_loss(logits: torch.Tensor, gt: torch.Tensor, smooth: float = 1.0,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft Dice per mask, averaged over masks (those with ground truth if ``valid`` is given).
+    Shapes [..., H, W].
 
     The +smooth in numerator and denominator makes an empty ground truth well defined: an empty
     prediction scores 0 loss and any predicted foreground is pushed down (1 - 1/(sum(p)+1)).
@@ -42,7 +53,7 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor, smooth: float = 1.0) -> to
     p = torch.sigmoid(logits.float()).flatten(-2)
     y = gt.to(p.dtype).flatten(-2)
     inter = (p * y).sum(-1)
-    return (1.0 - (2.0 * inter + smooth) / (p.sum(-1) + y.sum(-1) + smooth)).mean()
+    return _mean_over_masks(1.0 - (2.0 * inter + smooth) / (p.sum(-1) + y.sum(-1) + smooth), valid)
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

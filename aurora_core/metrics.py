@@ -23,6 +23,15 @@ Two aggregations of these per-frame values are offered, and an evaluation report
 
 Ground truth for scoring is prepared as the official loader does (:func:`official_gt_resize`): the
 8-bit mask resized to 256 x 256 bilinearly, then ``> 0``; predictions are scored at 256 x 256.
+
+**AVSBench** (S4 / MS3, OpenNLPLab ``avs_scripts/avs_s4|avs_ms3``): the same per-frame J and F
+(``utils/utility.py: mask_iou, Eval_Fmeasure``) except that J thresholds at ``sigmoid > 0.5``
+(:data:`AVS_J_THRESHOLD`); no S. Their ``test.py`` runs the test split in CSV order
+(``shuffle=False``) with ``--test_batch_size 4`` (their ``test.sh``; the argparse default is 1 and
+``config.py``'s ``BATCH_SIZE = 4`` is the training batch), computes mIoU and F per batch of 4 clips
+x 5 frames and reports the plain mean over batches (``AverageMeter``): the ``official`` protocol
+with 4 clips. Masks are scored at the size they are loaded, no resize (the release's 224 x 224;
+:data:`AVS_SCORE_SIZE`). Frames without ground truth (S4 train) are left out of every metric.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ _CHUNK_PIXELS = 1 << 22
 OFFICIAL_BATCH_CLIPS = 4  # Ref-AVS run_refavs.py: DataLoader(batch_size=4, shuffle=False)
 OFFICIAL_SIZE = 256  # Ref-AVS datasets/dataset_refavs.py: cv2.resize(mask, (256, 256))
 PROTOCOLS = ("official", "split")
+
+AVS_J_THRESHOLD = 0.5  # AVSBench utils/utility.py: mask_iou, (sigmoid(pred) > 0.5)
+AVS_BATCH_CLIPS = 4  # AVSBench avs_s4|avs_ms3/test.sh: --test_batch_size 4, shuffle=False
+AVS_SCORE_SIZE = 224  # AVSBench release frames and masks (scored as loaded, no resize)
 
 TABLE_COLUMNS = ("Seen J", "Seen F", "Unseen J", "Unseen F", "Mix J", "Mix F", "Null S")
 # shown after the Ref-AVS columns when a row has them: test_s structure rate and class accuracy
@@ -340,15 +353,30 @@ def refavs_table(results: Mapping[str, Mapping[str, float]]) -> dict[str, float 
     return row
 
 
+def avsbench_table(results: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    """One AVSBench table row from ``{subset: {"J", "F"}}`` (the test split of each subset):
+    ``S4 mIoU``, ``S4 F``, ``MS3 mIoU``, ``MS3 F``; anything missing is None."""
+    row: dict[str, float | None] = {}
+    for subset in ("s4", "ms3"):
+        row[f"{subset.upper()} mIoU"] = _metric(results, subset, "J")
+        row[f"{subset.upper()} F"] = _metric(results, subset, "F")
+    return row
+
+
+AVS_COLUMNS = ("S4 mIoU", "S4 F", "MS3 mIoU", "MS3 F")
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
-def format_table(rows: Mapping[str, Mapping[str, float | None]], title: str | None = None) -> str:
-    """Render rows from :func:`refavs_table` (keyed by model/stage name) as a fixed-width table,
-    under ``title`` if given (say which protocol it shows)."""
+def format_table(rows: Mapping[str, Mapping[str, float | None]], title: str | None = None,
+                 columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """Render rows from :func:`refavs_table` (or :func:`avsbench_table` with ``columns=AVS_COLUMNS``),
+    keyed by model/stage name, as a fixed-width table under ``title`` if given (say which protocol
+    it shows)."""
     name_width = max([len("Model"), *(len(name) for name in rows)])
-    columns = TABLE_COLUMNS + tuple(c for c in EXTRA_COLUMNS if any(r.get(c) is not None for r in rows.values()))
+    columns = tuple(columns) + tuple(c for c in EXTRA_COLUMNS if any(r.get(c) is not None for r in rows.values()))
     widths = [max(len(col), 5) for col in columns]
 
     def line(name: str, cells: list[str]) -> str:

@@ -3,6 +3,7 @@
 Where things live in a run directory ``<run.root>/<run.name>``::
 
     data/raw, data/shards        the dataset (pipelines/prepare_data.py)
+    data/raw-avsbench, data/shards-<s4|ms3>   the unreferenced AVSBench subsets (synthetic default)
     exports/<stage>              each stage's model (aurora_core.model.build export format)
     stages/<stage>/              side files: resume.json, sample_log/, teacher embeddings, reflect shards
     ray_train/<stage>/           Ray Train checkpoints (resumed by a rerun with the same run name)
@@ -64,6 +65,31 @@ def open_stage_run(tracker: Tracker, parent: str | None, stage: str, cfg: Aurora
     child = tracker.stage(parent, stage, params_of(cfg))
     RunLogger(tracker.uri if tracker.enabled else None, child).text(to_yaml(cfg), "config.yaml")
     return child
+
+
+def prepare(cfg: AuroraConfig) -> None:
+    """The run's shard set (``cfg.data``: Ref-AVS, or the AVSBench subset ``data.subset``), generated
+    first for the synthetic source; skipped when complete."""
+    from aurora_core.config import Source
+    from aurora_core.data import avsbench, synthetic
+
+    layout = RunLayout(cfg)
+    d = cfg.data
+    tag = "data" if d.subset is None else f"data {d.subset}"
+    if shards.manifest_exists(layout.shards):
+        print(f"[{tag}] shard set at {layout.shards}: skipped")
+        return
+    raw = d.raw_dir(cfg.run)
+    if d.source == Source.synthetic:
+        if d.subset is None:
+            print(f"[{tag}] generating synthetic Ref-AVS into {raw}")
+            synthetic.generate(raw, d)
+        elif not avsbench.metadata_path(raw, d.subset).is_file():
+            print(f"[{tag}] generating the synthetic unreferenced set (AVSBench layout, S4 and MS3) into {raw}")
+            synthetic.generate_avsbench(raw, d)
+    summary = shards.convert(raw, layout.shards, d, source=d.source.value, seed=d.synthetic.seed,
+                             config=params_of(cfg))
+    print(f"[{tag}] " + summary.render().replace("\n", f"\n[{tag}] "))
 
 
 def require_shards(layout: RunLayout) -> dict[str, Any]:
@@ -262,11 +288,12 @@ def grpo(cfg: AuroraConfig, tracker: Tracker, parent: str | None, init: Path | N
 
 def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Path, name: str | None = None,
              splits: list[str] | None = None) -> dict[str, Any]:
-    """Ref-AVS metrics of one exported model on the test splits (``<run>/eval/<name>/results.json``);
+    """The benchmark's metrics of one exported model on the test splits (``<run>/eval/<name>/results.json``);
     results newer than the export are reused."""
     import json as _json
 
     from aurora_core.evaluate import evaluate as run_eval
+    from aurora_core.evaluate import scoring
     from aurora_core.runtime import init_ray
     from aurora_core.tracking import RunLogger
 
@@ -275,14 +302,15 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
     if not is_export(model):
         raise FileNotFoundError(f"{model} is not an exported model (no aurora.json)")
     name = name or model.name
-    splits = list(splits or cfg.eval.splits)
+    splits = list(splits or cfg.eval_splits)
     out = layout.dir / "eval" / name
     res = out / "results.json"
     if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
         cached = _json.loads(res.read_text())
-        e = cfg.eval
+        e, sc = cfg.eval, scoring(cfg)
         if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached and cached.get("no_seg") == e.no_seg
-                and (cached.get("protocol_batch_clips"), cached.get("score_size")) == (e.protocol_batch_clips, e.score_size)):
+                and (cached.get("protocol_batch_clips"), cached.get("score_size"), cached.get("j_threshold"))
+                == (sc.batch_clips, sc.score_size, sc.j_threshold)):
             print(f"[eval] {name}: results at {res} are newer than the model: reused")
             cached.update(protocol=e.protocol, table=cached["tables"][e.protocol])
             return cached
@@ -299,3 +327,13 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
     tracker.finish(child)
     print(f"[eval] {name}: {result['seconds']:.0f}s, results in {res}")
     return result
+
+
+def evaluate_unreferenced(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Path, subset: str,
+                          name: str | None = None) -> dict[str, Any]:
+    """Zero-shot AVSBench metrics (``subset`` s4 | ms3, its test split) of an export trained on the
+    run's data: the run's config with the data swapped (:meth:`AuroraConfig.for_unreferenced`),
+    shards prepared if missing; results in ``<run>/eval/<name>-avsbench-<subset>/``."""
+    ucfg = cfg.for_unreferenced(subset)
+    prepare(ucfg)
+    return evaluate(ucfg, tracker, parent, model, f"{name or Path(model).name}-avsbench-{subset}")

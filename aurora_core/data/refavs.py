@@ -254,6 +254,10 @@ class RowLoader:
         self.sample_rate = sample_rate
         self.cot = cot
 
+    def with_cot(self, cot: dict[str, CotEntry] | None) -> "RowLoader":
+        """The same loader with the CoT entries of one chunk of rows (what a conversion worker gets)."""
+        return RowLoader(self.root, self.num_frames, self.sample_rate, cot)
+
     def _file(self, row: MetaRow, *parts: str) -> tuple[Path, str]:
         rel = "/".join(parts)
         try:
@@ -300,7 +304,7 @@ class RowLoader:
             sizes.append(tuple(img.shape[-2:]))
         audio = self._load_audio(row, folder)
         if cls == reasoning.NULL_CLASS:
-            masks = [_encode_mask(np.zeros(s, dtype=bool)) for s in sizes]
+            masks = [encode_mask(np.zeros(s, dtype=bool)) for s in sizes]
         else:
             masks = [self._load_mask(row, folder, t, sizes[t]) for t in range(self.num_frames)]
         if self.cot is not None and row.key not in self.cot:
@@ -309,33 +313,13 @@ class RowLoader:
         return {
             "key": row.key, "line": row.line, "vid": row.vid, "uid": row.uid, "split": row.split, "fid": row.fid,
             "class": cls, "exp": row.exp, "has_target": cls != reasoning.NULL_CLASS, "frames": frames,
-            "audio": audio, "sample_rate": self.sample_rate, "masks": masks, "cot": entry.cot, "kind": entry.kind,
-            "height": sizes[0][0], "width": sizes[0][1], "media_from_vid": from_vid,
+            "audio": audio, "sample_rate": self.sample_rate, "masks": masks, "gt_frames": [True] * self.num_frames,
+            "cot": entry.cot, "kind": entry.kind, "height": sizes[0][0], "width": sizes[0][1], "media_from_vid": from_vid,
         }
 
     def _load_audio(self, row: MetaRow, folder: str) -> bytes:
         data, rel = self._read(row, "audio", "media", folder, "audio.wav")
-        try:
-            info = sf.info(io.BytesIO(data))
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise BadRow(row.key, rel, f"not a readable WAV file ({e})") from None
-        if info.format not in ("WAV", "WAVEX"):
-            raise BadRow(row.key, rel, f"audio is {info.format}, expected WAV")
-        if info.frames == 0:
-            raise BadRow(row.key, rel, "audio has no samples")
-        try:
-            wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise BadRow(row.key, rel, f"unreadable WAV data ({e})") from None
-        wav = wav.mean(axis=1)
-        if sr != self.sample_rate:
-            from scipy.signal import resample_poly  # well-tested anti-aliased polyphase resampler
-
-            g = math.gcd(sr, self.sample_rate)
-            wav = resample_poly(wav, self.sample_rate // g, sr // g).astype(np.float32)
-        buf = io.BytesIO()
-        sf.write(buf, np.clip(wav, -1.0, 1.0), self.sample_rate, format="FLAC", subtype="PCM_16")
-        return buf.getvalue()
+        return encode_audio(data, row.key, rel, self.sample_rate)
 
     def _load_mask(self, row: MetaRow, folder: str, t: int, frame_size: tuple[int, int]) -> bytes:
         data, rel = self._read(row, "mask", "gt_mask", folder, f"fid_{row.fid}", f"{t:05d}.png")
@@ -346,9 +330,34 @@ class RowLoader:
         if tuple(img.shape[-2:]) != frame_size:
             raise BadRow(row.key, rel, f"mask is {img.shape[-2]}x{img.shape[-1]} but frame {t}.jpg is "
                                        f"{frame_size[0]}x{frame_size[1]}; masks must match their frame")
-        return _encode_mask((img.amax(dim=0) > 0).numpy())
+        return encode_mask((img.amax(dim=0) > 0).numpy())
 
 
-def _encode_mask(mask: np.ndarray) -> bytes:
+def encode_audio(data: bytes, key: str, rel: str, sample_rate: int) -> bytes:
+    """A released WAV file -> mono FLAC at ``sample_rate`` (the shard's audio), or BadRow naming ``rel``."""
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise BadRow(key, rel, f"not a readable WAV file ({e})") from None
+    if info.format not in ("WAV", "WAVEX"):
+        raise BadRow(key, rel, f"audio is {info.format}, expected WAV")
+    if info.frames == 0:
+        raise BadRow(key, rel, "audio has no samples")
+    try:
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise BadRow(key, rel, f"unreadable WAV data ({e})") from None
+    wav = wav.mean(axis=1)
+    if sr != sample_rate:
+        from scipy.signal import resample_poly  # well-tested anti-aliased polyphase resampler
+
+        g = math.gcd(sr, sample_rate)
+        wav = resample_poly(wav, sample_rate // g, sr // g).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wav, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
     """Binary mask -> 8-bit grey PNG with 0/255 (the same encoding whatever the source used)."""
     return encode_png(torch.from_numpy(mask.astype(np.uint8) * 255)[None]).numpy().tobytes()

@@ -32,23 +32,28 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from aurora_core.config import DataConfig
+from aurora_core.data import avsbench, refavs
 from aurora_core.data.atomic import staged_dir
-from aurora_core.data.refavs import SPLITS, BadRow, MetaRow, RowLoader, cot_for, read_cot, read_metadata, resolve_cot
+from aurora_core.data.refavs import BadRow, cot_for, read_cot, resolve_cot
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: row keys and metadata lines (duplicated uids of the real release); 3: kind
+# 2: row keys and metadata lines (duplicated uids of the real release); 3: kind; 4: gt_frames and
+# AVSBench shard sets (manifest: benchmark, subset, splits)
+SCHEMA_VERSION = 4
 SCHEMA = pa.schema([
     ("key", pa.string()),  # unique row key: the uid, or <uid>#<csv line> for a uid's later rows
     ("line", pa.int32()),  # line in metadata.csv (header = 1): the official evaluation order
     ("vid", pa.string()), ("uid", pa.string()), ("split", pa.string()), ("fid", pa.string()),
     ("class", pa.string()), ("exp", pa.string()), ("has_target", pa.bool_()),
-    ("frames", pa.list_(pa.binary())),  # JPEG bytes as released, one per frame
+    ("frames", pa.list_(pa.binary())),  # image bytes as released (Ref-AVS JPEG, AVSBench PNG), one per frame
     ("audio", pa.binary()),  # FLAC (lossless) mono at sample_rate
     ("sample_rate", pa.int32()),
     ("masks", pa.list_(pa.binary())),  # 8-bit PNG, 0 = background, 255 = target
+    ("gt_frames", pa.list_(pa.bool_())),  # per frame: it has a ground-truth mask (AVSBench S4 train: frame 1 only)
     ("cot", pa.string()),  # ground-truth structured chain of thought
-    ("kind", pa.string()),  # what the expression asks (synthetic: category/position/sound/time/combo/null), or ""
+    ("kind", pa.string()),  # what the expression asks (synthetic: category/position/sound/time/combo/null;
+    #                         AVSBench: s4 / ms3), or ""
     ("height", pa.int32()), ("width", pa.int32()),  # of frame 0, as released
 ])
 
@@ -56,6 +61,7 @@ SCHEMA = pa.schema([
 @dataclass
 class ConversionSummary:
     out: str
+    splits: tuple[str, ...] = refavs.SPLITS  # the benchmark's splits
     rows_read: int = 0
     rows_kept: int = 0
     rows_quarantined: int = 0
@@ -73,7 +79,7 @@ class ConversionSummary:
                  f" + skipped by split {skipped}"
                  + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.rows_skipped_by_split.items()))})"
                     if skipped else ""),
-                 "rows per split: " + ", ".join(f"{s} {self.counts.get(s, 0)}" for s in SPLITS),
+                 "rows per split: " + ", ".join(f"{s} {self.counts.get(s, 0)}" for s in self.splits),
                  f"duplicate uids: {len(self.duplicate_uids)} ({self.duplicate_uid_rows} later rows kept under "
                  "<uid>#<line> keys)",
                  f"media from the vid column: {self.media_from_vid}",
@@ -90,10 +96,8 @@ class ChunkResult:
     media_from_vid: int  # rows read from media/<vid> because their uid folder is missing
 
 
-def _convert_chunk(root: str, rows: list[MetaRow], idx: int, out: str, num_frames: int, sample_rate: int,
-                   cot: dict | None, lenient: bool) -> ChunkResult:
-    """Worker: load one chunk, write its shard(s)."""
-    loader = RowLoader(Path(root), num_frames, sample_rate, cot)
+def _convert_chunk(loader, rows: list, idx: int, out: str, lenient: bool) -> ChunkResult:
+    """Worker: load one chunk (``loader``: a RowLoader / AVSRowLoader holding the chunk's CoTs), write its shard(s)."""
     by_split: dict[str, list[dict[str, Any]]] = {}
     quarantined: list[dict] = []
     from_vid = 0
@@ -115,28 +119,68 @@ def _convert_chunk(root: str, rows: list[MetaRow], idx: int, out: str, num_frame
     return ChunkResult({s: len(r) for s, r in by_split.items()}, quarantined, None, from_vid)
 
 
+@dataclass
+class Release:
+    """A dataset in an official layout, read as far as the converter needs it."""
+
+    benchmark: str  # refavs | avsbench
+    subset: str | None  # AVSBench s4 | ms3
+    splits: tuple[str, ...]
+    metadata: Path  # the metadata CSV (named in messages)
+    rows: list  # refavs.MetaRow / avsbench.AVSRow in file order (key, uid, line, split, problem)
+    skipped: Counter[str]  # rows per split value that is not a split of the benchmark
+    cot: dict | None  # row key or uid -> refavs.CotEntry (cot.jsonl), None: template CoTs
+    loader: Any  # refavs.RowLoader / avsbench.AVSRowLoader (without CoTs; with_cot per chunk)
+
+
+def open_release(root: Path, data: DataConfig) -> Release:
+    """The Ref-AVS layout, or the AVSBench one when ``data.subset`` names a subset."""
+    root = Path(root).resolve()
+    if data.subset is None:
+        rows, skipped = refavs.read_metadata(root)
+        cot = read_cot(root)
+        if cot is not None:
+            rows = resolve_cot(rows, cot)
+        return Release("refavs", None, refavs.SPLITS, root / "metadata.csv", rows, skipped, cot,
+                       refavs.RowLoader(root, data.num_frames, data.sample_rate, None))
+    rows, skipped = avsbench.read_metadata(root, data.subset)
+    meta = avsbench.metadata_path(root, data.subset)
+    cot = read_cot(meta.parent)
+    if cot is not None:
+        rows = avsbench.cot_problems(rows, cot)
+    return Release("avsbench", data.subset, avsbench.AVSBENCH_SPLITS, meta, rows, skipped, cot,
+                   avsbench.AVSRowLoader(root, data.subset, data.sample_rate, data.unref_expression, None))
+
+
+def _chunk_cot(release: Release, rows: list) -> dict | None:
+    if release.cot is None:
+        return None
+    if release.benchmark == "refavs":
+        return {r.key: cot_for(r, release.cot) for r in rows if r.problem is None}
+    return {r.key: release.cot.get(r.key) or release.cot[r.name] for r in rows if r.problem is None}
+
+
 def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int | None = None,
             config: dict[str, Any] | None = None, lenient: bool | None = None,
             progress: bool = True) -> ConversionSummary:
-    """Convert a dataset in the official layout at ``root`` into a shard set at ``out``.
+    """Convert a dataset in an official layout at ``root`` (Ref-AVS, or the AVSBench subset
+    ``data.subset``) into a shard set at ``out``.
 
     Strict mode raises the first :class:`BadRow` (in metadata order) and leaves ``out`` untouched.
     """
     t0 = time.time()
     lenient = data.lenient if lenient is None else lenient
     root, out = Path(root).resolve(), Path(out).resolve()
-    rows, skipped = read_metadata(root)
-    cot = read_cot(root)
-    if cot is not None:
-        rows = resolve_cot(rows, cot)
+    release = open_release(root, data)
+    rows, skipped, splits = release.rows, release.skipped, release.splits
     dup_rows = [r for r in rows if r.key != r.uid]
     dup_uids = list(dict.fromkeys(r.uid for r in dup_rows))
     if dup_uids:
         log.warning("%d uids occur more than once in %s (%s%s): every row is kept, later ones under the "
-                    "row key <uid>#<line>", len(dup_uids), root / "metadata.csv", ", ".join(dup_uids[:5]),
+                    "row key <uid>#<line>", len(dup_uids), release.metadata, ", ".join(dup_uids[:5]),
                     f" and {len(dup_uids) - 5} more" if len(dup_uids) > 5 else "")
     chunks = [rows[i:i + data.rows_per_shard] for i in range(0, len(rows), data.rows_per_shard)]
-    summary = ConversionSummary(out=str(out), rows_read=len(rows) + sum(skipped.values()),
+    summary = ConversionSummary(out=str(out), splits=splits, rows_read=len(rows) + sum(skipped.values()),
                                 rows_skipped_by_split=dict(skipped), duplicate_uid_rows=len(dup_rows),
                                 duplicate_uids=dup_uids)
     log.info("converting %d rows from %s into %d chunks (%s mode, %d workers)", len(rows), root,
@@ -145,15 +189,15 @@ def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int |
     quarantine: list[dict] = []
     with staged_dir(out) as tmp:
         def args(i: int) -> tuple:
-            sub = None if cot is None else {r.key: cot_for(r, cot) for r in chunks[i] if r.problem is None}
-            return (str(root), chunks[i], i, str(tmp), data.num_frames, data.sample_rate, sub, lenient)
+            return (release.loader.with_cot(_chunk_cot(release, chunks[i])), chunks[i], i, str(tmp), lenient)
 
         bar = tqdm(total=len(rows), unit="row", desc="shards", disable=not progress, file=sys.stderr)
         for res in _run_chunks(args, len(chunks), data.conversion_workers):
             if res.error is not None:
                 bar.close()
                 err = res.error
-                raise BadRow(err["key"], err["file"], err["reason"] + f" (metadata.csv line {err['line']})", err["uid"])
+                raise BadRow(err["key"], err["file"], err["reason"] + f" ({release.metadata.name} line {err['line']})",
+                             err["uid"])
             counts.update(res.kept)
             quarantine.extend(res.quarantined)
             summary.media_from_vid += res.media_from_vid
@@ -168,17 +212,19 @@ def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int |
                     f.write(json.dumps(q) + "\n")
         summary.rows_kept = sum(counts.values())
         summary.rows_quarantined = len(quarantine)
-        summary.counts = {s: counts.get(s, 0) for s in SPLITS}
+        summary.counts = {s: counts.get(s, 0) for s in splits}
         assert summary.rows_read == summary.rows_kept + summary.rows_quarantined + sum(skipped.values())
         summary.seconds = time.time() - t0
         manifest = {
             "schema_version": SCHEMA_VERSION, "source": source, "seed": seed, "root": str(root),
+            "benchmark": release.benchmark, "subset": release.subset, "splits": list(splits),
             "counts": summary.counts, "rows_read": summary.rows_read, "rows_kept": summary.rows_kept,
             "rows_quarantined": summary.rows_quarantined, "rows_skipped_by_split": summary.rows_skipped_by_split,
             "duplicate_uid_rows": summary.duplicate_uid_rows, "duplicate_uids": summary.duplicate_uids,
             "media_from_vid": summary.media_from_vid,
-            "num_frames": data.num_frames, "sample_rate": data.sample_rate, "has_cot_annotations": cot is not None,
-            "files": {s: sorted(p.name for p in (tmp / s).glob("*.parquet")) for s in SPLITS if (tmp / s).is_dir()},
+            "num_frames": release.loader.num_frames, "sample_rate": data.sample_rate,
+            "has_cot_annotations": release.cot is not None,
+            "files": {s: sorted(p.name for p in (tmp / s).glob("*.parquet")) for s in splits if (tmp / s).is_dir()},
             "config": config or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -233,8 +279,9 @@ def split_files(shards: Path, splits: Iterable[str]) -> list[str]:
     manifest = load_manifest(shards)
     files = []
     for s in splits:
-        if s not in SPLITS:
-            raise ValueError(f"unknown split {s!r}; splits are {', '.join(SPLITS)}")
+        if s not in manifest["splits"]:
+            raise ValueError(f"unknown split {s!r}: the {manifest['benchmark']} shard set {shards} has splits "
+                             f"{', '.join(manifest['splits'])}")
         files += [str(Path(shards) / s / f) for f in manifest["files"].get(s, [])]
     if not files:
         raise ValueError(f"shard set {shards} has no rows for splits {list(splits)}")
@@ -244,12 +291,13 @@ def split_files(shards: Path, splits: Iterable[str]) -> list[str]:
 def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int, sample_rate: int,
                  audio_seconds: float, score_size: int = 0) -> dict[str, np.ndarray]:
     """Shard rows -> fixed-shape arrays: frames uint8 [B,T,3,S,S], masks uint8 [B,T,S,S] (0/1),
+    gt_frames bool [B,T] (the frame has a ground-truth mask; an empty mask stands in where not),
     audio float32 [B,L] at ``sample_rate`` padded/cut to ``audio_seconds``; with ``score_size`` also
     score_masks uint8 [B,T,Z,Z] (0/1): the ground truth as the official Ref-AVS loader prepares it
     for scoring (:func:`aurora_core.metrics.official_gt_resize`)."""
     import soundfile as sf
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+    from torchvision.io import ImageReadMode, decode_image, decode_png
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
@@ -258,14 +306,16 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
     frames = np.empty((n, num_frames, 3, S, S), dtype=np.uint8)
     masks = np.empty((n, num_frames, S, S), dtype=np.uint8)
     audio = np.zeros((n, L), dtype=np.float32)
+    gt_frames = np.ones((n, num_frames), dtype=bool)
     score_masks = np.empty((n, num_frames, score_size, score_size), dtype=np.uint8) if score_size else None
     for i in range(n):
         jpgs, pngs = list(batch["frames"][i]), list(batch["masks"][i])
         if len(jpgs) != num_frames or len(pngs) != num_frames:
             raise ValueError(f"row {batch['uid'][i]}: {len(jpgs)} frames / {len(pngs)} masks, "
                              f"expected data.num_frames={num_frames}")
-        imgs = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                for b in jpgs]
+        imgs = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                for b in jpgs]  # JPEG (Ref-AVS) or PNG (AVSBench)
+        gt_frames[i] = batch["gt_frames"][i]
         frames[i] = TF.resize(torch.stack(imgs), [S, S], antialias=True).numpy()
         ms = torch.stack([decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in pngs])
         ms = TF.resize(ms, [S, S], interpolation=InterpolationMode.NEAREST)
@@ -281,7 +331,7 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
         audio[i, : min(L, len(wav))] = wav[:L]
     out = {k: np.asarray(batch[k]) for k in ("key", "uid", "vid", "split", "class", "exp", "cot", "kind")}
     out.update(line=np.asarray(batch["line"], dtype=np.int64), has_target=np.asarray(batch["has_target"], dtype=bool),
-               frames=frames, masks=masks, audio=audio)
+               frames=frames, masks=masks, gt_frames=gt_frames, audio=audio)
     if score_masks is not None:
         out["score_masks"] = score_masks
     if "epoch" in batch:  # added by the training pipeline (aurora_core.train.epochs)

@@ -209,10 +209,28 @@ def mix_audio(objects: list[SynthObject], seconds: int, sr: int, rng: np.random.
 
 # --------------------------------------------------------------------------- scene and expressions
 
-def make_scene(cats: list[Category], num_frames: int, size: int, rng: np.random.Generator) -> list[SynthObject]:
+def make_scene(cats: list[Category], num_frames: int, size: int, rng: np.random.Generator,
+               schedule: dict[int, tuple[int, int]] | None = None) -> list[SynthObject]:
+    """Objects in their slots; ``schedule``: object index -> (first sounding second, one past the
+    last), default: one sounding object, or two that sound one after the other."""
     n = len(cats)
     slot_w = size / n
     radius = min(slot_w * 0.4, size * 0.18)
+    if schedule is None:
+        schedule = _default_schedule(n, num_frames, rng)
+    objects = []
+    for i, cat in enumerate(cats):
+        lo, hi = i * slot_w + radius, (i + 1) * slot_w - radius
+        x0, x1 = rng.uniform(lo, max(lo, hi), size=2)
+        y0, y1 = rng.uniform(radius, size - radius, size=2)
+        s = np.linspace(0.0, 1.0, num_frames)[:, None]
+        path = np.array([x0, y0]) * (1 - s) + np.array([x1, y1]) * s
+        start, end = schedule.get(i, (None, None))
+        objects.append(SynthObject(cat, i, start, end, path, radius))
+    return objects
+
+
+def _default_schedule(n: int, num_frames: int, rng: np.random.Generator) -> dict[int, tuple[int, int]]:
     # Sound schedule: exactly one sounding object, or two that sound one after the other.
     order = rng.permutation(n)
     schedule: dict[int, tuple[int, int]] = {}
@@ -225,16 +243,7 @@ def make_scene(cats: list[Category], num_frames: int, size: int, rng: np.random.
         b0 = int(rng.integers(a1, num_frames))
         schedule[int(order[0])] = (a0, a1)
         schedule[int(order[1])] = (b0, int(rng.integers(b0 + 1, num_frames + 1)))
-    objects = []
-    for i, cat in enumerate(cats):
-        lo, hi = i * slot_w + radius, (i + 1) * slot_w - radius
-        x0, x1 = rng.uniform(lo, max(lo, hi), size=2)
-        y0, y1 = rng.uniform(radius, size - radius, size=2)
-        s = np.linspace(0.0, 1.0, num_frames)[:, None]
-        path = np.array([x0, y0]) * (1 - s) + np.array([x1, y1]) * s
-        start, end = schedule.get(i, (None, None))
-        objects.append(SynthObject(cat, i, start, end, path, radius))
-    return objects
+    return schedule
 
 
 def _describe_frames(objs: list[SynthObject]) -> str:
@@ -411,3 +420,112 @@ def _write(tmp: Path, data: DataConfig, syn: SyntheticConfig) -> dict[str, int]:
          "seen": [c.name for c in SEEN], "unseen": [c.name for c in UNSEEN]}, indent=1))
     log.info("synthetic clips rendered in %.1fs", time.time() - t0)
     return counts
+
+
+# --------------------------------------------------------------------------- unreferenced set (AVSBench layout)
+
+AVS_SUBSETS = ("s4", "ms3")
+AVS_SPLITS = ("train", "val", "test")
+# A tripwire where the release has its pickled log-mel tensors: not a pickle, so anything that
+# unpickled it would fail (the reader reads the WAVs and never opens audio_log_mel/).
+PICKLE_TRIPWIRE = b"aurora: the release's audio_log_mel/*.pkl are pickles and are never read\n"
+
+
+def _avs_schedule(subset: str, n: int, T: int, rng: np.random.Generator) -> dict[int, tuple[int, int]]:
+    """S4: one object sounds through the whole clip. MS3: two objects sound, each for 2..T seconds
+    at a random offset (they may overlap), so a frame's target is the union of what sounds then."""
+    order = [int(i) for i in rng.permutation(n)]
+    if subset == "s4":
+        return {order[0]: (0, T)}
+    out = {}
+    for i in order[:2]:
+        length = int(rng.integers(2, T + 1))
+        start = int(rng.integers(0, T - length + 1))
+        out[i] = (start, start + length)
+    return out
+
+
+def _write_png(path: Path, img: np.ndarray, palette: bool = False) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if palette:  # as MS3's masks: palette PNG, index 0 background, 1 foreground
+        im = Image.fromarray(img.astype(np.uint8), mode="P")
+        im.putpalette([0, 0, 0, 128, 0, 0] + [0, 0, 0] * 254)
+        im.save(path, format="PNG")
+    else:
+        path.write_bytes(encode_png(torch.from_numpy(np.ascontiguousarray(img))[None] if img.ndim == 2 else
+                                    torch.from_numpy(img).permute(2, 0, 1).contiguous()).numpy().tobytes())
+
+
+def generate_avsbench(out: Path, data: DataConfig, syn: SyntheticConfig | None = None) -> dict[str, dict[str, int]]:
+    """Write the unreferenced set in the AVSBench release layout (``Single-source/`` S4 and
+    ``Multi-sources/`` MS3, as aurora_core.data.avsbench reads it) to ``out``, atomically; 5 frames
+    (one per second, PNG) and 5 s of audio per clip, seen categories only. S4 train rows have the
+    mask of frame 1 only; MS3 masks are palette PNGs whose frame-t target is the union of the objects
+    sounding during second t. A ``cot.jsonl`` beside each CSV holds the ground-truth CoT (kind = the
+    subset). Returns rows per split per subset."""
+    from aurora_core.config import AVSBENCH_FRAMES
+    from aurora_core.data.avsbench import LAYOUTS, MS3_CLASS
+
+    syn = syn or data.synthetic
+    T, sr, size = AVSBENCH_FRAMES, data.sample_rate, syn.image_size
+    counts: dict[str, dict[str, int]] = {}
+    with staged_dir(Path(out)) as tmp:
+        for si, subset in enumerate(AVS_SUBSETS):
+            lay = LAYOUTS[subset]
+            meta, cots = [], []
+            counts[subset] = {}
+            for split in AVS_SPLITS:
+                n_clips = syn.avs_clips(split)
+                for idx in range(n_clips):
+                    rng = np.random.default_rng([syn.seed, 100 + si, AVS_SPLITS.index(split), idx])
+                    lo = max(syn.min_objects, 2 if subset == "ms3" else 1)
+                    n = int(rng.integers(lo, max(lo, syn.max_objects) + 1))
+                    cats = [SEEN[i] for i in rng.permutation(len(SEEN))[:n]]
+                    objs = make_scene(cats, T, size, rng, _avs_schedule(subset, n, T, rng))
+                    frames, masks = render_clip(objs, size, T, rng)
+                    audio = mix_audio(objs, T, sr, rng)
+                    # release-like names: YouTube ids may start with '-' and hold '_'
+                    name = f"-{subset}{split}{idx:04d}_{idx % 3}"
+                    sounding = [k for k, o in enumerate(objs) if o.start is not None]
+                    category = objs[sounding[0]].cat.name if subset == "s4" else ""
+                    target = np.zeros((T, size, size), dtype=bool)
+                    for k in sounding:
+                        o = objs[k]
+                        target[o.start:o.end] |= masks[k, o.start:o.end]
+                    for t in range(T):
+                        _write_png(tmp.joinpath(*lay.frame(split, category, name, t + 1)), frames[t])
+                    wav_parts = lay.audio(split, category, name)
+                    wav = tmp.joinpath(*wav_parts)
+                    wav.parent.mkdir(parents=True, exist_ok=True)
+                    sf.write(wav, audio, sr, subtype="PCM_16", format="WAV")
+                    # audio_log_mel/ mirrors audio_wav/ in the release
+                    pkl = tmp.joinpath(*wav_parts[:2], "audio_log_mel", *wav_parts[3:-1], f"{name}.pkl")
+                    pkl.parent.mkdir(parents=True, exist_ok=True)
+                    pkl.write_bytes(PICKLE_TRIPWIRE)
+                    for t in range(lay.mask_frames(split)):
+                        m = target[t].astype(np.uint8)
+                        _write_png(tmp.joinpath(*lay.mask(split, category, name, t + 1)),
+                                   m if subset == "ms3" else m * 255, palette=subset == "ms3")
+                    meta.append((name, len(sounding), category, split) if subset == "s4" else (name, split))
+                    match = " and ".join(f"the {objs[k].cat.name} makes a sound from second {objs[k].start} to "
+                                         f"second {objs[k].end}" for k in sorted(sounding, key=lambda k: objs[k].start))
+                    cls = category if subset == "s4" else MS3_CLASS
+                    cots.append({"uid": name, "kind": subset,
+                                 "cot": _cot(objs, data.unref_expression.rstrip("."), match[0].upper() + match[1:], cls)})
+                counts[subset][split] = n_clips
+            root = tmp / lay.folder
+            with open(root / lay.csv, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["name", "sources", "category", "split"] if subset == "s4" else ["name", "split"])
+                w.writerows(meta)
+            with open(root / "cot.jsonl", "w", encoding="utf-8") as f:
+                for c in cots:
+                    f.write(json.dumps(c) + "\n")
+        (tmp / "synthetic.json").write_text(json.dumps(
+            {"seed": syn.seed, "counts": counts, "num_frames": T, "sample_rate": sr, "image_size": size,
+             "expression": data.unref_expression, "categories": [c.name for c in SEEN]}, indent=1))
+    log.info("synthetic unreferenced set (AVSBench layout) written to %s: %s", out, counts)
+    return counts
+

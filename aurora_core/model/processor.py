@@ -88,8 +88,6 @@ class AuroraProcessor:
         if data.sample_rate != WHISPER_SAMPLE_RATE:
             raise ValueError(f"the Qwen2.5-Omni audio tower takes {WHISPER_SAMPLE_RATE} Hz audio; "
                              f"set data.sample_rate={WHISPER_SAMPLE_RATE} (got {data.sample_rate})")
-        if data.num_frames % TEMPORAL_PATCH:
-            raise ValueError(f"data.num_frames must be even (Qwen2.5-Omni groups frames in pairs), got {data.num_frames}")
         self.tok = tokenizer
         self.max_answer_tokens = model.max_answer_tokens
         px = model.video_size * model.video_size
@@ -100,7 +98,9 @@ class AuroraProcessor:
         s = model.sam_image_size
         self.sam = SamImageProcessor(size={"longest_edge": s}, pad_size={"height": s, "width": s})
         self.second_per_grid = TEMPORAL_PATCH / model.video_fps
-        grid = (data.num_frames // TEMPORAL_PATCH) * (model.video_size // 14) ** 2
+        # the vision tower groups frames in pairs: an odd count (AVSBench's 5) gets its last frame
+        # repeated (as Qwen2VLVideoProcessor pads a short temporal patch); SAM still sees each frame once
+        grid = -(-data.num_frames // TEMPORAL_PATCH) * (model.video_size // 14) ** 2
         self.num_video_tokens = grid // MERGE**2
         frames = int(round(data.audio_seconds * WHISPER_SAMPLE_RATE)) // model.audio_hop_length
         self.num_audio_tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1
@@ -139,7 +139,8 @@ class AuroraProcessor:
     def _media(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         frames = batch["frames"]  # uint8 [B, T, 3, S, S]
         b, t = frames.shape[:2]
-        v = self.video(videos=list(frames), return_tensors="pt")
+        video = frames if t % TEMPORAL_PATCH == 0 else torch.cat([frames, frames[:, -1:]], dim=1)
+        v = self.video(videos=list(video), return_tensors="pt")
         a = self.audio([x.numpy() if isinstance(x, torch.Tensor) else x for x in batch["audio"]],
                        sampling_rate=WHISPER_SAMPLE_RATE, return_attention_mask=True, padding="longest",
                        return_tensors="pt")

@@ -33,7 +33,8 @@ from aurora_core.rl.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
 
-CLIP_KEYS = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
+CLIP_KEYS = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "gt_frames",
+             "audio")
 
 
 @dataclass

@@ -43,6 +43,7 @@ class LearnerBatch:
     ref_logprobs: torch.Tensor | None  # [n, C] float32, under the reference policy (KL on)
     advantages: torch.Tensor  # [n] float32
     masks_gt: torch.Tensor  # [n, T, S, S] ground-truth masks of each completion's clip
+    gt_frames: torch.Tensor  # [n, T] bool, the frame has a ground-truth mask (the mask loss uses those)
     global_tokens: float  # policy tokens over all ranks
     global_seqs: float  # completions with at least one policy token, over all ranks
     global_samples: float  # completions over all ranks (the mask loss's mean)
@@ -142,7 +143,7 @@ class LearnerWorker:
             policy_mask=pmask, old_logprobs=cat("logprobs", 0.0, torch.float32),
             ref_logprobs=cat("ref_logprobs", 0.0, torch.float32) if g.kl_coef > 0 else None,
             advantages=torch.from_numpy(np.asarray(advantages, dtype=np.float32).reshape(-1)),
-            masks_gt=sub["masks"].repeat_interleave(G, 0),
+            masks_gt=sub["masks"].repeat_interleave(G, 0), gt_frames=sub["gt_frames"].repeat_interleave(G, 0),
             global_tokens=float(counts[0]), global_seqs=float(counts[1]), global_samples=float(counts[2]))
 
     def _update(self, b: LearnerBatch) -> tuple[dict[str, float], dict[str, float]]:
@@ -174,10 +175,10 @@ class LearnerWorker:
                     per_token = pg + g.kl_coef * kl
                     sums["kl"] += float((kl.detach() * pm).sum())
                 loss_policy = grpo.aggregate(per_token, pm, g.loss_agg, b.global_tokens, b.global_seqs)
-                gt = b.masks_gt[start:stop].to(dev)
+                gt, valid = b.masks_gt[start:stop].to(dev), b.gt_frames[start:stop].to(dev)
                 share = (stop - start) / b.global_samples
-                loss_mask = (g.bce_weight * losses.mask_bce(out.mask_logits, gt)
-                             + g.dice_weight * losses.dice_loss(out.mask_logits, gt)) * share
+                loss_mask = (g.bce_weight * losses.mask_bce(out.mask_logits, gt, valid=valid)
+                             + g.dice_weight * losses.dice_loss(out.mask_logits, gt, valid=valid)) * share
                 total = loss_policy + g.mask_loss_weight * loss_mask
                 # DeepSpeed averages gradients over the K ranks; with scale_wrt_gas=False it does not
                 # divide by the accumulation steps. The terms above are shares of global means, so x K

@@ -106,15 +106,16 @@ class RolloutWorker:
         G = g.num_samples
         for j, _ in enumerate(indices):
             rows = range(j * G, (j + 1) * G)
-            gt, cls = sub["masks"][j], sub["class"][j]
-            terms = [score(r.texts[k], masks[k], gt, cls, self.weights) for k in rows]
+            valid = sub["gt_frames"][j]  # frames with a ground-truth mask (AVSBench S4 train: the first)
+            gt, cls = sub["masks"][j][valid], sub["class"][j]
+            terms = [score(r.texts[k], masks[k][valid], gt, cls, self.weights) for k in rows]
             out.append(RolloutGroup(
                 key=str(sub["key"][j]), version=self.version,
                 completion_ids=r.completion_ids[rows.start:rows.stop].cpu().numpy().astype(np.int32),
                 completion_mask=r.completion_mask[rows.start:rows.stop].cpu().numpy().astype(np.int8),
                 logprobs=r.logprobs[rows.start:rows.stop].float().cpu().numpy(),
                 rewards={k: np.array([t[k] for t in terms], dtype=np.float32) for k in terms[0]},
-                j=np.array([mask_iou(masks[k], gt) for k in rows], dtype=np.float32),
+                j=np.array([mask_iou(masks[k][valid], gt) for k in rows], dtype=np.float32),
                 truncated=~ended[rows.start:rows.stop],
                 has_seg=r.has_seg[rows.start:rows.stop].cpu().numpy().astype(bool),
                 pred_class=[parse_answer(r.texts[k]).predicted_class or "" for k in rows],

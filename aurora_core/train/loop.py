@@ -54,10 +54,12 @@ def targets(spec: StageSpec, batch: dict[str, Any]) -> list[str]:
     return list(batch["cot"])
 
 
-def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Tensor | None,
+               gt_frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``gt_frames`` [B, T] bool: the mask terms over frames with ground truth only (None: all)."""
     t = {"lm": losses.lm_loss(out.logits, inp.labels),
-         "bce": losses.mask_bce(out.mask_logits, masks),
-         "dice": losses.dice_loss(out.mask_logits, masks)}
+         "bce": losses.mask_bce(out.mask_logits, masks, valid=gt_frames),
+         "dice": losses.dice_loss(out.mask_logits, masks, valid=gt_frames)}
     loss = st.lm_weight * t["lm"] + st.bce_weight * t["bce"] + st.dice_weight * t["dice"]
     if teacher is not None:
         t["distill"] = losses.distill_loss(out.seg_embedding, teacher)
@@ -182,11 +184,12 @@ def train_worker(config: dict[str, Any]) -> None:
             inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
             with torch.no_grad():
                 out = engine(inp)
-                t = loss_terms(out, inp, batch["masks"].to(device), st, None)
+                t = loss_terms(out, inp, batch["masks"].to(device), st, None, batch["gt_frames"])
             n = len(batch["key"])
             sums += torch.tensor([t["loss"].item() * n, t["lm"].item() * n, t["bce"].item() * n,
                                   t["dice"].item() * n, n], dtype=torch.float64)
-            acc.update(out.mask_logits.flatten(0, 1).float().cpu(), batch["masks"].flatten(0, 1))
+            valid = batch["gt_frames"].flatten(0, 1)  # J over frames with ground truth
+            acc.update(out.mask_logits.flatten(0, 1).float().cpu()[valid], batch["masks"].flatten(0, 1)[valid])
             if rank == 0 and len(overlays) < cfg.train.overlay_clips:
                 for i in range(min(n, cfg.train.overlay_clips - len(overlays))):
                     overlays.append((batch["key"][i], mask_overlay_png(batch["frames"][i], out.mask_logits[i].cpu(),
@@ -223,7 +226,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     raise KeyError(f"no teacher [SEG] embedding for {missing[:3]} in {spec.distill}")
                 tt = torch.tensor(np.stack([teacher[k] for k in batch["key"]]), device=device)
             out = engine(inp)
-            t = loss_terms(out, inp, batch["masks"].to(device), st, tt)
+            t = loss_terms(out, inp, batch["masks"].to(device), st, tt, batch["gt_frames"])
             before = engine.global_steps
             lr = scheduler.get_last_lr()[0]  # the LR of the update this micro-batch may complete
             engine.backward(t["loss"])
