@@ -43,7 +43,8 @@ class Scoring:
             row = refavs_table({s: m[protocol] for s, m in per_split.items()})
             shown = per_split.get("test_s")
         else:
-            row = avsbench_table({self.subset: per_split["test"][protocol]} if "test" in per_split else {})
+            full = avsbench_table({self.subset: per_split["test"][protocol]} if "test" in per_split else {})
+            row = {c: v for c, v in full.items() if c in self.columns}  # this subset's columns only
             shown = per_split.get("test")
         if shown is not None:  # structure rate and class accuracy of the seen (Ref-AVS) / test (AVSBench) split
             row.update({"Struct": shown["structure_rate"], "Class": shown["class_acc"]})

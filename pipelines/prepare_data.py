@@ -21,7 +21,7 @@ from aurora_core.data.refavs import BadRow, DatasetError
 def main() -> int:
     p = cli.arg_parser(__doc__)
     p.add_argument("--source", choices=[s.value for s in Source], help="overrides data.source")
-    p.add_argument("--root", help="dataset root in the Ref-AVS layout (overrides data.root)")
+    p.add_argument("--root", help="dataset root in the official layout (overrides data.root)")
     p.add_argument("--out", help="shard directory to write (overrides data.shards)")
     p.add_argument("--subset", choices=["s4", "ms3"], help="an AVSBench subset (overrides data.subset)")
     p.add_argument("--lenient", action="store_true", help="quarantine bad rows instead of stopping")

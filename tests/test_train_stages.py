@@ -20,6 +20,7 @@ from aurora_core.metrics import SplitMetrics
 from aurora_core.model.build import build_model, is_export
 from aurora_core.train.audit import committed_samples, restarts
 from aurora_core.data.shards import split_keys
+from aurora_core.data.synthetic import CATEGORIES
 from aurora_core.train.epochs import left_out
 from conftest import ROOT, SMALL_DATA, decoded_rows
 
@@ -99,8 +100,8 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     runs = c.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("aurora.pipeline") == "all")
     children = {r.data.tags["aurora.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"teacher", "sft", "reflect", "grpo", "eval-teacher", "eval-sft", "eval-reflect",
-                             "eval-grpo"}
+    assert set(children) == {"teacher", "sft", "reflect", "grpo"} | {
+        f"eval-{s}{u}" for s in stages.STAGES for u in ("", "-avsbench-s4", "-avsbench-ms3")}
     assert parent.info.status == "FINISHED"
     assert "results_table.txt" in [a.path for a in c.list_artifacts(parent.info.run_id)]
     for stage in ("teacher", "sft", "reflect"):
@@ -164,6 +165,39 @@ def test_evaluation_results_and_table(chain):
         assert len({a["key"] for a in answers}) == len(answers) > len({a["uid"] for a in answers})
     written = (layout.dir / "results_table.txt").read_text()
     assert written.startswith(out["table"].strip()) and "split protocol" in written
+
+
+def test_unreferenced_zero_shot_table(chain):
+    """Every stage's export evaluated zero-shot on the synthetic AVSBench-layout S4 and MS3 test
+    splits (5 frames, the unreferenced prompt), scored as AVSBench's test loop, after the Ref-AVS table."""
+    cfg, out, tracker = chain
+    layout = stages.RunLayout(cfg)
+    lines = out["unreferenced_table"].splitlines()
+    assert lines[0].startswith("Unreferenced AVS zero-shot (S4, MS3 test") and "official protocol" in lines[0]
+    assert lines[1].split() == ["Model", "S4", "mIoU", "S4", "F", "MS3", "mIoU", "MS3", "F"]
+    assert [line.split()[0] for line in lines[3:]] == list(stages.STAGES)
+    for stage in stages.STAGES:
+        for subset in ("s4", "ms3"):
+            res = json.loads((layout.dir / "eval" / f"{stage}-avsbench-{subset}" / "results.json").read_text())
+            assert (res["benchmark"], res["subset"], res["j_threshold"], res["score_size"]) == ("avsbench", subset, 0.5, 224)
+            m = res["splits"]["test"]
+            assert set(res["splits"]) == {"test"} and m["rows"] == 6 and set(m["by_kind"]) == {subset}
+            t = res["tables"]["official"]
+            assert t[f"{subset.upper()} mIoU"] == m["official"]["J"] and 0 <= t[f"{subset.upper()} F"] <= 1
+            assert lines[3 + stages.STAGES.index(stage)].split()[1 + 2 * ("s4", "ms3").index(subset)] \
+                == f"{m['official']['J']:.3f}"
+            answers = (layout.dir / "eval" / f"{stage}-avsbench-{subset}" / "answers.jsonl").read_text().splitlines()
+            assert {json.loads(a)["class"] for a in answers} <= ({"objects"} if subset == "ms3" else set(CATEGORIES))
+    written = (layout.dir / "results_table.txt").read_text()
+    assert out["unreferenced_table"] in written and written.count("Unreferenced AVS zero-shot") == 2
+    # the command: the same results (reused, as they are newer than the export), the AVSBench table
+    from conftest import run_script
+
+    r = run_script("pipelines/evaluate.py", "--model", str(layout.export("grpo")), "--benchmark", "avsbench",
+                   "--subset", "ms3", *SMALL_DATA, *TRAIN, *CHAIN_DATA, *CHAIN_RL, f"run.root={cfg.run.root}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "reused" in r.stdout and "AVSBench MS3, official protocol" in r.stdout
+    assert r.stdout.strip().splitlines()[-3].split() == ["Model", "MS3", "mIoU", "MS3", "F", "Struct", "Class"]
 
 
 def test_inference_pool_of_two_actors_covers_every_row_once(chain):

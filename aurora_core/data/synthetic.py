@@ -509,11 +509,15 @@ def generate_avsbench(out: Path, data: DataConfig, syn: SyntheticConfig | None =
                         _write_png(tmp.joinpath(*lay.mask(split, category, name, t + 1)),
                                    m if subset == "ms3" else m * 255, palette=subset == "ms3")
                     meta.append((name, len(sounding), category, split) if subset == "s4" else (name, split))
-                    match = " and ".join(f"the {objs[k].cat.name} makes a sound from second {objs[k].start} to "
-                                         f"second {objs[k].end}" for k in sorted(sounding, key=lambda k: objs[k].start))
+                    by_start = sorted(sounding, key=lambda k: objs[k].start)
+                    if subset == "s4":
+                        o = objs[by_start[0]]
+                        match = f"The {o.cat.name} makes a sound from second {o.start} to second {o.end}"
+                    else:  # Step 2 already says when each sounds
+                        match = "The " + " and the ".join(objs[k].cat.name for k in by_start) + " are making sounds"
                     cls = category if subset == "s4" else MS3_CLASS
                     cots.append({"uid": name, "kind": subset,
-                                 "cot": _cot(objs, data.unref_expression.rstrip("."), match[0].upper() + match[1:], cls)})
+                                 "cot": _cot(objs, data.unref_expression.rstrip("."), match, cls)})
                 counts[subset][split] = n_clips
             root = tmp / lay.folder
             with open(root / lay.csv, "w", newline="", encoding="utf-8") as f:
