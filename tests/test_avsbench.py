@@ -142,6 +142,17 @@ def test_bad_rows_are_errors_or_quarantined(release, tmp_path, row, reason):
     assert len(q) == 1 and reason in q[0]["reason"] and q[0]["line"] == 6 and set(q[0]) >= {"key", "file", "uid"}
 
 
+def test_cot_annotations_beside_the_csv(release, tmp_path):
+    (release / "Single-source" / "cot.jsonl").write_text(
+        json.dumps({"uid": "-vidA_1", "cot": "Step 1: a. Step 2: b. Step 3: c. Step 4: d. The target is male-speech. It is [SEG]."})
+        + "\n" + json.dumps({"uid": "vidB_2", "cot": "x", "kind": "custom"}) + "\n")
+    with pytest.raises(BadRow, match="cot.jsonl has no CoT for video 'vidC_0'"):
+        convert(release, tmp_path, "s4")
+    s = convert(release, tmp_path, "s4", lenient=True)
+    rows = rows_of(tmp_path / "shards-s4")
+    assert s.rows_quarantined == 1 and rows["-vidA_1"]["cot"].startswith("Step 1: a.") and rows["vidB_2"]["kind"] == "custom"
+
+
 def test_release_level_errors(release, tmp_path):
     with pytest.raises(DatasetError, match="Multi-sources/ms3_meta_data.csv"):
         read_metadata(tmp_path / "nowhere", "ms3")

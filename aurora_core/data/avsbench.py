@@ -52,8 +52,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from aurora_core.config import AVSBENCH_FRAMES, AVSBENCH_SPLITS
-from aurora_core.data.refavs import (BadRow, CotEntry, DatasetError, encode_audio, encode_mask, row_key, safe_path,
-                                     template_cot)
+from aurora_core.data.refavs import (BadRow, CotEntry, DatasetError, encode_audio, encode_mask, read_release_file,
+                                     row_key, template_cot)
 
 MS3_CLASS = "objects"
 
@@ -187,19 +187,8 @@ class AVSRowLoader:
         return AVSRowLoader(self.root, self.subset, self.sample_rate, self.expression, cot)
 
     def _read(self, row: AVSRow, what: str, parts: tuple[str, ...]) -> tuple[bytes, str]:
-        rel = "/".join(parts)
-        try:
-            path = safe_path(self.root, *parts)
-        except ValueError as e:
-            raise BadRow(row.key, rel, f"unsafe path: {e}") from None
-        if not path.is_file():
-            hint = (" (audio_log_mel/*.pkl are pickles and are never read: the WAVs are needed)"
-                    if what == "audio" else "")
-            raise BadRow(row.key, rel, f"missing {what}{hint}")
-        data = path.read_bytes()
-        if not data:
-            raise BadRow(row.key, rel, f"zero-byte {what}")
-        return data, rel
+        hint = " (audio_log_mel/*.pkl are pickles and are never read: the WAVs are needed)" if what == "audio" else ""
+        return read_release_file(self.root, row.key, what, parts, hint)
 
     def load(self, row: AVSRow) -> dict[str, Any]:
         lay, s = self.layout, row.split

@@ -244,6 +244,21 @@ def safe_path(root: Path, *parts: str) -> Path:
     return path
 
 
+def read_release_file(root: Path, key: str, what: str, parts: tuple[str, ...], hint: str = "") -> tuple[bytes, str]:
+    """The bytes of ``root/parts...`` and its relative name, or BadRow (unsafe path, missing, zero bytes)."""
+    rel = "/".join(parts)
+    try:
+        path = safe_path(root, *parts)
+    except ValueError as e:
+        raise BadRow(key, rel, f"unsafe path: {e}") from None
+    if not path.is_file():
+        raise BadRow(key, rel, f"missing {what}{hint}")
+    data = path.read_bytes()
+    if not data:
+        raise BadRow(key, rel, f"zero-byte {what}")
+    return data, rel
+
+
 class RowLoader:
     """Reads and validates one metadata row's files into a shard row (a dict of Parquet columns)."""
 
@@ -258,21 +273,8 @@ class RowLoader:
         """The same loader with the CoT entries of one chunk of rows (what a conversion worker gets)."""
         return RowLoader(self.root, self.num_frames, self.sample_rate, cot)
 
-    def _file(self, row: MetaRow, *parts: str) -> tuple[Path, str]:
-        rel = "/".join(parts)
-        try:
-            return safe_path(self.root, *parts), rel
-        except ValueError as e:
-            raise BadRow(row.key, rel, f"unsafe path: {e}") from None
-
     def _read(self, row: MetaRow, what: str, *parts: str) -> tuple[bytes, str]:
-        path, rel = self._file(row, *parts)
-        if not path.is_file():
-            raise BadRow(row.key, rel, f"missing {what}")
-        data = path.read_bytes()
-        if not data:
-            raise BadRow(row.key, rel, f"zero-byte {what}")
-        return data, rel
+        return read_release_file(self.root, row.key, what, parts)
 
     def media_folder(self, row: MetaRow) -> tuple[str, bool]:
         """(folder under media/ and gt_mask/, whether it came from the vid column): the uid's folder

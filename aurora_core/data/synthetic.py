@@ -337,6 +337,12 @@ def _pick_categories(split: str, n: int, rng: np.random.Generator) -> list[Categ
     return [SEEN[i] for i in rng.permutation(len(SEEN))[:n]]
 
 
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
 def generate(out: Path, data: DataConfig, syn: SyntheticConfig | None = None) -> dict[str, int]:
     """Write the benchmark to ``out`` (official layout + cot.jsonl), atomically; return rows per split."""
     syn = syn or data.synthetic
@@ -412,9 +418,7 @@ def _write(tmp: Path, data: DataConfig, syn: SyntheticConfig) -> dict[str, int]:
         w = csv.DictWriter(f, fieldnames=["vid", "uid", "split", "fid", "exp"])
         w.writeheader()
         w.writerows(rows)
-    with open(tmp / "cot.jsonl", "w", encoding="utf-8") as f:
-        for c in cots:
-            f.write(json.dumps(c) + "\n")
+    _write_jsonl(tmp / "cot.jsonl", cots)
     (tmp / "synthetic.json").write_text(json.dumps(
         {"seed": syn.seed, "counts": counts, "num_frames": T, "sample_rate": sr, "image_size": size,
          "seen": [c.name for c in SEEN], "unseen": [c.name for c in UNSEEN]}, indent=1))
@@ -524,9 +528,7 @@ def generate_avsbench(out: Path, data: DataConfig, syn: SyntheticConfig | None =
                 w = csv.writer(f)
                 w.writerow(["name", "sources", "category", "split"] if subset == "s4" else ["name", "split"])
                 w.writerows(meta)
-            with open(root / "cot.jsonl", "w", encoding="utf-8") as f:
-                for c in cots:
-                    f.write(json.dumps(c) + "\n")
+            _write_jsonl(root / "cot.jsonl", cots)
         (tmp / "synthetic.json").write_text(json.dumps(
             {"seed": syn.seed, "counts": counts, "num_frames": T, "sample_rate": sr, "image_size": size,
              "expression": data.unref_expression, "categories": [c.name for c in SEEN]}, indent=1))
