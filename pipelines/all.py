@@ -74,8 +74,11 @@ def main() -> int:
     cfg = cli.config_from_args(args)
     t0 = time.time()
     out = run_all(cfg)
-    bench = "Ref-AVS" if cfg.data.subset is None else f"AVSBench {cfg.data.subset.upper()}"
-    print(f"\n{bench} metrics on the {cfg.data.source.value} test splits (J, F: higher is better; Null S: lower)")
+    if cfg.data.subset is None:
+        print(f"\nRef-AVS metrics on the {cfg.data.source.value} test splits (J, F: higher is better; Null S: lower)")
+    else:
+        print(f"\nAVSBench {cfg.data.subset.upper()} metrics on the {cfg.data.source.value} test split "
+              "(mIoU, F: higher is better)")
     print(out["table"])
     if out["unreferenced_table"]:
         print("\n" + out["unreferenced_table"])
