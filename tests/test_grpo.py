@@ -52,8 +52,9 @@ def trained_export(small_cfg, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clips(small_cfg, small_shards):
     rows = decoded_rows(small_shards, "train", 6, small_cfg.data)
-    keys = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "audio")
-    return {k: (np.asarray(rows[k]) if isinstance(rows[k], list) else rows[k].numpy()) for k in keys}
+    from aurora_core.rl.driver import CLIP_KEYS  # what the driver ships to rollout actors and learners
+
+    return {k: (np.asarray(rows[k]) if isinstance(rows[k], list) else rows[k].numpy()) for k in CLIP_KEYS}
 
 
 def test_pool_versions_and_a_dying_actor(ray_session, small_shards, init_export, clips, tmp_path):

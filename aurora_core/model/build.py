@@ -93,18 +93,30 @@ def _lora(m: ModelConfig):
 
 
 def _load_thinker(path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """Thinker weights from a local directory: a Qwen2.5-Omni checkpoint or an export's base/llm."""
+    """Thinker weights from a local directory: a full Qwen2.5-Omni checkpoint (as the hub ships it),
+    a thinker-only one, or an export's base/llm.
+
+    From a full checkpoint only the thinker is built, its ``thinker.*`` keys mapped onto it
+    (transformers' ``key_mapping``); the talker and token2wav weights are skipped. Loading through
+    Qwen2_5OmniForConditionalGeneration instead would demand the talker's ``spk_dict.pt`` (a torch
+    pickle) although the talker is never used. Missing thinker weights are an error, not a silent
+    random init."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if getattr(cfg, "model_type", "") == "qwen2_5_omni":  # the full Omni checkpoint: take its thinker
-        from transformers import Qwen2_5OmniForConditionalGeneration
-
-        full = Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            str(path), local_files_only=True, dtype=dtype, use_safetensors=True, enable_audio_output=False)
-        return full.thinker
-    return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-        str(path), local_files_only=True, dtype=dtype, use_safetensors=True)
+    kw: dict[str, Any] = {}
+    if getattr(cfg, "model_type", "") == "qwen2_5_omni":
+        kw = dict(config=cfg.thinker_config, key_mapping={r"^thinker\.": ""})
+    thinker, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        str(path), local_files_only=True, dtype=dtype, use_safetensors=True, output_loading_info=True, **kw)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} thinker weights ({', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}); is it a Qwen2.5-Omni checkpoint?")
+    skipped = [k for k in info["unexpected_keys"] if not k.startswith(("talker.", "token2wav."))]
+    if skipped:
+        log.warning("%s: %d weights not used by the thinker (%s ...)", path, len(skipped), ", ".join(skipped[:3]))
+    return thinker
 
 
 def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraProcessor]:
