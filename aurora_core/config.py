@@ -132,7 +132,7 @@ class DataConfig:
 
     @property
     def test_splits(self) -> tuple[str, ...]:
-        return ("test_s", "test_u", "test_n") if self.subset is None else ("test",)
+        return REFAVS_SPLITS[2:] if self.subset is None else ("test",)
 
     def raw_dir(self, run: RunConfig) -> Path:
         """The dataset root: data.root, else where the generator writes (Ref-AVS: data/raw; AVSBench:

@@ -40,7 +40,6 @@ Decisions:
 
 from __future__ import annotations
 
-import csv
 import io
 from collections import Counter
 from dataclasses import dataclass
@@ -52,8 +51,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from aurora_core.config import AVSBENCH_FRAMES, AVSBENCH_SPLITS
-from aurora_core.data.refavs import (BadRow, CotEntry, DatasetError, encode_audio, encode_mask, read_release_file,
-                                     row_key, template_cot)
+from aurora_core.data.refavs import (BadRow, CotEntry, DatasetError, encode_audio, encode_mask, has_undecodable,
+                                     read_csv_lines, read_release_file, row_key, template_cot)
 
 MS3_CLASS = "objects"
 
@@ -122,41 +121,30 @@ def read_metadata(root: Path, subset: str) -> tuple[list[AVSRow], Counter[str]]:
         raise DatasetError(f"{path} not found: the AVSBench root must contain {LAYOUTS[subset].folder}/"
                            f"{LAYOUTS[subset].csv} (give the folder that holds Single-source/ and Multi-sources/)")
     need = 3 if subset == "s4" else 1  # the official loaders read columns 0 (and 2 for S4) by position
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not any(h.strip() for h in header):
-            raise DatasetError(f"{path} is empty: expected a header with a 'split' column and one row per video")
-        header = [h.strip().lstrip("\ufeff") for h in header]
-        if "split" not in header or len(header) < need:
-            raise DatasetError(f"{path}: columns are {','.join(header)}; the official {subset.upper()} loader needs "
-                               f"a 'split' column" + (" and the category in column 2" if subset == "s4" else ""))
-        split_col = header.index("split")
-        rows: list[AVSRow] = []
-        skipped: Counter[str] = Counter()
-        seen: set[str] = set()
-        for line_no, fields in enumerate(reader, start=2):
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            problem = None
-            if len(fields) != len(header):
-                problem = f"line {line_no} has {len(fields)} fields, expected {len(header)}"
-                fields = (fields + [""] * len(header))[: len(header)]
-            split = fields[split_col].strip()
-            if split not in AVSBENCH_SPLITS:
-                skipped[split or "<empty>"] += 1
-                continue
-            name = fields[0].strip()
-            category = fields[2].strip() if subset == "s4" else ""
-            if problem is None and any("\udc80" <= ch <= "\udcff" for ch in name + category):
-                problem = f"line {line_no}: bytes that are not UTF-8; re-save {path.name} as UTF-8"
-                name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            if problem is None and not name:
-                problem = f"line {line_no}: empty video name (column 0)"
-            if problem is None and subset == "s4" and not category:
-                problem = f"line {line_no}: empty category (column 2)"
-            rows.append(AVSRow(line_no, name, category, split, problem, row_key(name, line_no, name not in seen)))
-            seen.add(name)
+    header, lines = read_csv_lines(path, "a header with a 'split' column and one row per video")
+    if "split" not in header or len(header) < need:
+        raise DatasetError(f"{path}: columns are {','.join(header)}; the official {subset.upper()} loader needs "
+                           f"a 'split' column" + (" and the category in column 2" if subset == "s4" else ""))
+    split_col = header.index("split")
+    rows: list[AVSRow] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    for line_no, fields, problem in lines:
+        split = fields[split_col].strip()
+        if split not in AVSBENCH_SPLITS:
+            skipped[split or "<empty>"] += 1
+            continue
+        name = fields[0].strip()
+        category = fields[2].strip() if subset == "s4" else ""
+        if problem is None and has_undecodable(name + category):
+            problem = f"line {line_no}: bytes that are not UTF-8; re-save {path.name} as UTF-8"
+            name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if problem is None and not name:
+            problem = f"line {line_no}: empty video name (column 0)"
+        if problem is None and subset == "s4" and not category:
+            problem = f"line {line_no}: empty category (column 2)"
+        rows.append(AVSRow(line_no, name, category, split, problem, row_key(name, line_no, name not in seen)))
+        seen.add(name)
     if not rows and not skipped:
         raise DatasetError(f"{path} has a header but no rows")
     return rows, skipped
@@ -209,12 +197,9 @@ class AVSRowLoader:
         masks = [self._load_mask(row, k, sizes[k - 1]) for k in range(1, with_gt + 1)]
         masks += [encode_mask(np.zeros(sizes[k - 1], dtype=bool)) for k in range(with_gt + 1, AVSBENCH_FRAMES + 1)]
         cls = row.cls(self.subset)
-        if self.cot is not None:
-            entry = self.cot.get(row.key) or self.cot.get(row.name)
-            if entry is None:
-                raise BadRow(row.key, "cot.jsonl", f"no CoT target for video {row.name!r}")
-        else:
-            entry = CotEntry(template_cot(self.expression, cls), 0)
+        if self.cot is not None and row.key not in self.cot:  # chunk CoTs are resolved by row key
+            raise BadRow(row.key, "cot.jsonl", f"no CoT target for video {row.name!r}")
+        entry = self.cot[row.key] if self.cot is not None else CotEntry(template_cot(self.expression, cls), 0)
         return {
             "key": row.key, "line": row.line, "vid": row.name, "uid": row.name, "split": s, "fid": "",
             "class": cls, "exp": self.expression, "has_target": True, "frames": frames, "audio": audio,

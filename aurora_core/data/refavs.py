@@ -109,9 +109,29 @@ def row_key(uid: str, line: int, first: bool) -> str:
     return uid if first else f"{uid}#{line}"
 
 
-def _has_undecodable(s: str) -> bool:
+def has_undecodable(s: str) -> bool:
     # surrogateescape maps bytes that are not UTF-8 to lone surrogates U+DC80..U+DCFF
     return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
+def read_csv_lines(path: Path, expected: str) -> tuple[list[str], list[tuple[int, list[str], str | None]]]:
+    """A release's metadata CSV: its header (stripped, BOM removed) and, per non-blank line,
+    (line number, fields padded/cut to the header's width, the field-count problem or None). Bytes
+    that are not UTF-8 survive as lone surrogates (:func:`has_undecodable`) so the row can name them."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or not any(h.strip() for h in header):
+            raise DatasetError(f"{path} is empty: expected {expected}")
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        n = len(header)
+        lines = []
+        for line_no, fields in enumerate(reader, start=2):
+            if not fields or all(not x.strip() for x in fields):
+                continue  # blank line
+            problem = None if len(fields) == n else f"line {line_no} has {len(fields)} fields, expected {n}"
+            lines.append((line_no, (fields + [""] * n)[:n], problem))
+    return header, lines
 
 
 def read_metadata(root: Path) -> tuple[list[MetaRow], Counter[str]]:
@@ -120,47 +140,36 @@ def read_metadata(root: Path) -> tuple[list[MetaRow], Counter[str]]:
     path = Path(root) / "metadata.csv"
     if not path.is_file():
         raise DatasetError(f"{path} not found: the dataset root must contain metadata.csv")
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not any(h.strip() for h in header):
-            raise DatasetError(f"{path} is empty: expected the header {','.join(COLUMNS)} and one row per expression")
-        header = [h.strip().lstrip("\ufeff") for h in header]
-        if sorted(header) != sorted(COLUMNS):
-            missing = [c for c in COLUMNS if c not in header]
-            extra = [c for c in header if c not in COLUMNS]
-            raise DatasetError(
-                f"{path}: columns are {','.join(header)}; expected exactly {','.join(COLUMNS)}"
-                + (f" (missing: {','.join(missing)})" if missing else "")
-                + (f" (unexpected: {','.join(extra)})" if extra else ""))
-        idx = {c: header.index(c) for c in COLUMNS}
-        rows: list[MetaRow] = []
-        skipped: Counter[str] = Counter()
-        first_line: dict[str, int] = {}
-        for line_no, fields in enumerate(reader, start=2):
-            if not fields or all(not x.strip() for x in fields):
-                continue  # blank line
-            problem = None
-            if len(fields) != len(COLUMNS):
-                problem = f"line {line_no} has {len(fields)} fields, expected {len(COLUMNS)}"
-                fields = (fields + [""] * len(COLUMNS))[: len(COLUMNS)]
-            vals = {c: fields[idx[c]].strip() for c in COLUMNS}
-            if vals["split"] not in SPLITS:
-                skipped[vals["split"] or "<empty>"] += 1
-                continue
-            uid = vals["uid"]
-            bad_cols = [c for c in COLUMNS if _has_undecodable(vals[c])]
-            if problem is None and bad_cols:
-                problem = (f"line {line_no}: column {','.join(bad_cols)} holds bytes that are not UTF-8; "
-                           "re-save metadata.csv as UTF-8")
-                uid = uid.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            if problem is None and len(uid.split("_")) < 3:
-                problem = f"line {line_no}: uid {uid!r} does not have the form <vid>_<class>_<n>"
-            if problem is None and not vals["exp"]:
-                problem = f"line {line_no}: empty expression"
-            key = row_key(uid, line_no, uid not in first_line)
-            first_line.setdefault(uid, line_no)
-            rows.append(MetaRow(line_no, vals["vid"], uid, vals["split"], vals["fid"], vals["exp"], problem, key))
+    header, lines = read_csv_lines(path, f"the header {','.join(COLUMNS)} and one row per expression")
+    if sorted(header) != sorted(COLUMNS):
+        missing = [c for c in COLUMNS if c not in header]
+        extra = [c for c in header if c not in COLUMNS]
+        raise DatasetError(
+            f"{path}: columns are {','.join(header)}; expected exactly {','.join(COLUMNS)}"
+            + (f" (missing: {','.join(missing)})" if missing else "")
+            + (f" (unexpected: {','.join(extra)})" if extra else ""))
+    idx = {c: header.index(c) for c in COLUMNS}
+    rows: list[MetaRow] = []
+    skipped: Counter[str] = Counter()
+    first_line: dict[str, int] = {}
+    for line_no, fields, problem in lines:
+        vals = {c: fields[idx[c]].strip() for c in COLUMNS}
+        if vals["split"] not in SPLITS:
+            skipped[vals["split"] or "<empty>"] += 1
+            continue
+        uid = vals["uid"]
+        bad_cols = [c for c in COLUMNS if has_undecodable(vals[c])]
+        if problem is None and bad_cols:
+            problem = (f"line {line_no}: column {','.join(bad_cols)} holds bytes that are not UTF-8; "
+                       "re-save metadata.csv as UTF-8")
+            uid = uid.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if problem is None and len(uid.split("_")) < 3:
+            problem = f"line {line_no}: uid {uid!r} does not have the form <vid>_<class>_<n>"
+        if problem is None and not vals["exp"]:
+            problem = f"line {line_no}: empty expression"
+        key = row_key(uid, line_no, uid not in first_line)
+        first_line.setdefault(uid, line_no)
+        rows.append(MetaRow(line_no, vals["vid"], uid, vals["split"], vals["fid"], vals["exp"], problem, key))
     if not rows and not skipped:
         raise DatasetError(f"{path} has a header but no rows")
     return rows, skipped
