@@ -192,8 +192,18 @@ class ModelConfig:
     encoder_batch: int = 8
     dtype: str = "float32"  # float32 | bfloat16 (bf16 on GPUs)
     max_answer_tokens: int = 160  # training targets are cut to this many tokens (with a warning)
+    # Rows of the token embedding and lm_head that train (with LoRA): ``full`` = both whole matrices
+    # (AURORA / LISA; 2 x 152,064 x 3,584 = 1.09 B parameters at 7B, ~2.2 GB per bf16 weight push),
+    # ``new`` = only the rows of the tokens we add ([SEG]; peft trainable_token_indices).
+    trainable_tokens: str = "full"
+    # activation checkpointing of the LLM's decoder layers (recompute in backward): real widths
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.trainable_tokens in ("full", "new"),
+               f"model.trainable_tokens must be full or new, got {self.trainable_tokens!r}")
+        _check(self.trainable_tokens == "full" or self.lora.enabled,
+               "model.trainable_tokens=new needs model.lora.enabled=true (without LoRA every weight trains)")
         _check(self.encoder_batch >= 1, "model.encoder_batch must be >= 1")
         _check(self.video_size % 28 == 0, f"model.video_size must be a multiple of 28, got {self.video_size}")
         _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype}")
@@ -327,6 +337,9 @@ class GRPOConfig:
     gpus_per_actor: float = 0.0
     learner_workers: int = 1
     learner_cpus: float = 0.5
+    # GPUs per learner worker with grpo.use_gpu (a fraction shares one GPU with rollout actors: one-GPU
+    # machines, bench/gpu_check.py; NCCL broadcast sync then needs grpo.weight_sync=object_store)
+    learner_gpus: float = 1.0
     use_gpu: bool = False  # learner on GPUs (NCCL + bf16)
     deepspeed_config: str = "configs/deepspeed/zero3.json"
     checkpoint_every: int = 5
@@ -358,6 +371,7 @@ class GRPOConfig:
         _check(self.loss_agg in ("token_mean", "seq_mean"), f"grpo.loss_agg must be token_mean or seq_mean, got {self.loss_agg!r}")
         _check(self.overlong in ("keep", "mask"), f"grpo.overlong must be keep or mask, got {self.overlong!r}")
         _check(self.warmup_steps >= 0, "grpo.warmup_steps must be >= 0")
+        _check(0 < self.learner_gpus <= 1, f"grpo.learner_gpus must be in (0, 1], got {self.learner_gpus}")
 
 
 @dataclass

@@ -43,7 +43,7 @@ class ExportPredictor:
         self.j_threshold = j_threshold  # sigmoid threshold of J: 0.4 Ref-AVS, 0.5 AVSBench (metrics)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False,
-                                                 encoder_batch=self.cfg.model.encoder_batch)
+                                                 runtime=self.cfg.model)
         self.model.to(self.device).eval()
         self.dtype = next(self.model.llm.parameters()).dtype
         torch.manual_seed(seed)

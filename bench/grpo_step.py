@@ -6,7 +6,8 @@ Without --init it starts from <run>/exports/reflect when that exists (after `mak
 a freshly built untrained model (throughput does not depend on the weights). It runs in its own
 run directory (<run.root>/bench-grpo, reset each time) and prints:
   samples/s, generated tokens/s, and the step time split into model compute (generation + learner),
-  weight sync, and idle/overhead (data, rewards, scheduling, logging) as shares of the wall time;
+  weight sync, and idle/overhead as shares of the wall time, the overhead itemised (prompt fetch,
+  object-store puts, advantages, the learner call's round trip beyond its own time, the rest);
   the mean reward / IoU of the first and last quarter of the steps (is the policy improving?).
 """
 
@@ -72,6 +73,16 @@ def main() -> int:
     for name, v in (("model compute: generate", gen), ("model compute: learner", learn),
                     ("weight sync", sync), ("idle / overhead", other)):
         print(f"  {name:26s} {v / wall:6.1%}  ({v / len(h):.2f} s/step)")
+    # the overhead itemised (the driver times each part; prefetch runs while the learner works)
+    items = {k: sum(x[f"time/{k}_s"] for x in h) for k in ("fetch", "put", "advantages", "learner_call")}
+    print(f"    prompt fetch per step: first {h[0]['time/fetch_s']:.3f} s, "
+          f"median {float(np.median([x['time/fetch_s'] for x in h])):.3f} s")
+    items["rest (scheduling, logging)"] = max(0.0, other - sum(items.values()))
+    for name, v in items.items():
+        print(f"    overhead: {name:24s} {v / wall:6.1%}  ({v / len(h):.3f} s/step)")
+    pre = sum(x["time/prefetch_s"] for x in h)
+    print(f"    next prompts prefetched under the learner: {pre / len(h):.3f} s/step (not in the step's critical path "
+          f"unless the learner is faster)")
     q = max(1, len(h) // 4)
     for key in ("reward/total_mean", "iou", "J", "format_rate"):
         first, last = np.mean([x[key] for x in h[:q]]), np.mean([x[key] for x in h[-q:]])

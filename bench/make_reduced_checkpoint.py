@@ -12,7 +12,8 @@ with random weights (seeded) and depth cut to ``--layers`` per tower:
         tokenizer.json, tokenizer_config.json   Qwen's special tokens at their real ids 151643..151656
         preprocessor_config.json         Qwen2.5-Omni's Whisper and image processor settings
     <out>/qwen2.5-omni-<size>-thinker/   the thinker alone (model_type qwen2_5_omni_thinker, unprefixed keys)
-    <out>/sam-<vit-b|vit-h>/             SamModel at 1024 px (facebook/sam-vit-base|huge widths)
+    <out>/sam-<vit-b|vit-h>/             SamModel at 1024 px (facebook/sam-vit-base|huge widths) and the
+                                         repo's preprocessor_config.json (SamImageProcessor)
 
 Widths are the released ones (the 3B text config: hidden 2048, 36 layers, 16 heads / 2 KV heads,
 vocabulary 151,936; 7B: 3584, 28 layers, 28 / 4, 152,064; both towers 1280 wide, the audio tower
@@ -64,8 +65,16 @@ PREPROCESSOR = {  # Qwen2.5-Omni's preprocessor_config.json (Whisper features + 
     "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
 }
 
+SAM_PREPROCESSOR = {  # facebook/sam-vit-huge's preprocessor_config.json
+    "image_processor_type": "SamImageProcessor", "processor_class": "SamProcessor", "do_convert_rgb": True,
+    "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "pad_size": {"height": 1024, "width": 1024},
+    "rescale_factor": 0.00392156862745098, "resample": 2, "size": {"longest_edge": 1024},
+}
 
-def thinker_config(size: str, layers: int):
+
+def thinker_config(size: str, layers: int, text_layers: int | None = None):
+    """The released thinker config of ``size`` with ``layers`` per tower (``text_layers`` for the LLM)."""
     from transformers import Qwen2_5OmniThinkerConfig
 
     t = TEXT[size]
@@ -76,7 +85,7 @@ def thinker_config(size: str, layers: int):
         vision_config=dict(depth=layers, hidden_size=1280, intermediate_size=3420,
                            num_heads=16, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            out_hidden_size=t["hidden_size"], fullatt_block_indexes=[layers - 1], in_channels=3),
-        text_config=dict(**{**t, "num_hidden_layers": layers}, head_dim=head_dim, rms_norm_eps=1e-6,
+        text_config=dict(**{**t, "num_hidden_layers": text_layers or layers}, head_dim=head_dim, rms_norm_eps=1e-6,
                          max_position_embeddings=32768, tie_word_embeddings=False,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         audio_token_index=151646, image_token_index=151655, video_token_index=151656,
@@ -140,8 +149,34 @@ def build(out: Path, size: str, layers: int, sam: str, seed: int = 0) -> dict[st
     scfg = SamConfig(vision_config=dict(**{**v, "num_hidden_layers": n}, image_size=1024, patch_size=16,
                                         window_size=14, global_attn_indexes=[n - 1], output_channels=256))
     SamModel(scfg).save_pretrained(sam_dir, safe_serialization=True)
+    (sam_dir / "preprocessor_config.json").write_text(json.dumps(SAM_PREPROCESSOR, indent=2))
     print(f"wrote {full}, {thinker_dir}, {sam_dir} in {time.time() - t0:.0f}s")
     return {"full": full, "thinker": thinker_dir, "sam": sam_dir}
+
+
+def cpu_overrides(dirs: dict[str, Path], root: Path) -> list[str]:
+    """Overrides of configs/qwen2.5-omni-7b.yaml for a run on a reduced checkpoint on CPUs (tests and
+    bench/real_widths.py): only where the files are, the device, and sizes that keep a CPU run short
+    differ (a few clips, 1-2 workers, 32-token answers: the weights are random, so every answer runs to
+    the limit). Frames 256, video 224, SAM 1024, 10 frames, 10 s of audio stay as configured."""
+    return [
+        f"run.root={root}", "run.name=reduced", "data.source=synthetic", "data.root=null",
+        "data.synthetic.train_clips=2", "data.synthetic.val_clips=1", "data.synthetic.test_s_clips=1",
+        "data.synthetic.test_u_clips=1", "data.synthetic.test_n_clips=1", "data.synthetic.expressions_per_clip=1",
+        "data.conversion_workers=1", "data.rows_per_shard=16",
+        f"model.llm_path={dirs['full']}", f"model.sam_path={dirs['sam']}", "model.dtype=float32",
+        "model.encoder_batch=2", "model.max_answer_tokens=32",
+        "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clips=1",
+        "teacher.batch_size=1", "teacher.grad_accum=1", "teacher.max_steps=1", "teacher.warmup_steps=0",
+        "teacher.val_rows=1",
+        "inference.gpus_per_actor=0", "inference.actors=1", "inference.batch_size=1", "inference.max_new_tokens=32",
+        "inference.cpus_per_actor=1",
+        "grpo.use_gpu=false", "grpo.gpus_per_actor=0", "grpo.steps=1", "grpo.prompts_per_step=1", "grpo.num_samples=2",
+        "grpo.rollout_actors=1", "grpo.learner_workers=1", "grpo.learner_cpus=1", "grpo.cpus_per_actor=1",
+        "grpo.micro_batch=2", "grpo.max_new_tokens=32", "grpo.checkpoint_every=1", "grpo.warmup_steps=0",
+        "eval.gpus_per_actor=0", "eval.actors=1", "eval.batch_size=1", "eval.cpus_per_actor=1",
+        "eval.max_new_tokens=32", "eval.overlays=0", "eval.splits=[test_n]", "unreferenced.subsets=[]",
+    ]
 
 
 def main() -> int:

@@ -5,21 +5,14 @@
     python pipelines/inspect_model.py --model runs/tiny/exports/sft          # an exported model
 """
 
-import resource
 import sys
 import time
 
 import torch
 
-from aurora_core import cli, reasoning
+from aurora_core import cli, memory, reasoning
 from aurora_core.data import shards
 from aurora_core.model.build import build_model, load_export, parameter_report
-
-
-def peak_memory() -> str:
-    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if torch.cuda.is_available() else ""
-    return f"peak RSS {cpu:.0f} MiB{gpu}"
 
 
 def main() -> int:
@@ -34,7 +27,7 @@ def main() -> int:
 
     t = time.time()
     if args.model:
-        model, proc, _ = load_export(args.model, cfg.data, trainable=True, encoder_batch=cfg.model.encoder_batch)
+        model, proc, _ = load_export(args.model, cfg.data, trainable=True, runtime=cfg.model)
     else:
         model, proc = build_model(cfg.model, cfg.data)
     model.to(device).eval()
@@ -76,7 +69,7 @@ def main() -> int:
         parsed = reasoning.parse_answer(text)
         print(f"  [{batch['uid'][i // args.samples]} s{i % args.samples}] class={parsed.predicted_class} "
               f"format={'ok' if parsed.well_formed else 'bad'}: {text[:160]}")
-    print(peak_memory())
+    print(memory.describe(memory.peak_mb()))
     return 0
 
 

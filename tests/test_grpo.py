@@ -145,7 +145,9 @@ def test_broadcast_sync_trains_like_the_object_store(ray_session, small_shards, 
 
     extra = ["grpo.steps=2", "grpo.prompts_per_step=2", "grpo.checkpoint_every=10", "grpo.lr=5e-3",
              f"grpo.init={trained_export}", "grpo.kl_coef=0.1", "grpo.kl_estimator=k3", "grpo.warmup_steps=0",
-             "grpo.num_iterations=1"]
+             "grpo.num_iterations=1",
+             # step 1 must carry a policy gradient (groups with reward variance) for KL to grow after it
+             "grpo.dynamic_sampling=true"]
     hist, runs = {}, {}
     for mode in ("object_store", "broadcast"):
         cfg = cfg_for(tmp_path / mode, small_shards, f"grpo.weight_sync={mode}", *extra)

@@ -26,7 +26,7 @@ def batch(small_cfg, small_shards):
 def total_loss(model, proc, batch):
     inp = proc.train_batch(batch, batch["cot"])
     out = model(inp)
-    return (losses.lm_loss(out.logits, inp.labels) + 2.0 * losses.mask_bce(out.mask_logits, batch["masks"])
+    return (losses.lm_loss(out.logits, inp.labels[:, out.logits_from:]) + 2.0 * losses.mask_bce(out.mask_logits, batch["masks"])
             + 0.5 * losses.dice_loss(out.mask_logits, batch["masks"]))
 
 
@@ -38,7 +38,14 @@ def test_forward_audio_video_text(built, batch, small_cfg):
     assert ids.count(model.thinker.config.audio_token_index) == proc.num_audio_tokens
     out = model(inp)
     T, S = small_cfg.data.num_frames, small_cfg.data.frame_size
-    assert out.logits.shape[:2] == inp.input_ids.shape
+    # logits from the position before the first answer token on: no loss reads a prompt's
+    start = inp.answer_start()
+    assert out.logits_from == start - 1 and start > proc.num_video_tokens + proc.num_audio_tokens
+    assert out.logits.shape[:2] == (3, inp.input_ids.shape[1] - start + 1)
+    full = model(inp, logits_from=0)
+    assert torch.allclose(full.logits[:, start - 1:], out.logits, atol=1e-6)
+    assert losses.lm_loss(full.logits, inp.labels).item() == pytest.approx(
+        losses.lm_loss(out.logits, inp.labels[:, start - 1:]).item(), rel=1e-6)
     assert out.mask_logits.shape == (3, T, S, S) and out.has_seg.all()
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.mask_logits).all()
     # the audio and the frames matter: changing either changes the answer logits
@@ -188,7 +195,7 @@ def test_forced_seg_decodes_a_mask_where_the_answer_has_none(built, batch, small
     two = prompts.rows(0, 2)
     with torch.no_grad():
         out, _ = model.forward_completions(two, ids, mask)
-    r = Rollouts(["", ""], ids, mask, torch.zeros(2, c), out.mask_logits, out.has_seg)
+    r = Rollouts(["", ""], ids, mask, torch.zeros(2, c), out.mask_logits, out.has_seg, model.frozen_features(two))
     assert out.has_seg.tolist() == [False, True] and (out.mask_logits[0] == NO_SEG_LOGIT).all()
     suffix = proc.tok(" It is [SEG].", add_special_tokens=False).input_ids
     forced = model.masks_with_forced_seg(two, r, suffix, proc.eos_id)
@@ -200,14 +207,22 @@ def test_forced_seg_decodes_a_mask_where_the_answer_has_none(built, batch, small
     assert not (forced[0] == NO_SEG_LOGIT).all()
 
 
-def test_frozen_sam_encoder_runs_once_per_frame_in_bounded_chunks(built, batch, small_cfg):
-    """generate_with_masks of B prompts x G samples encodes each of the B*T frames once (the G samples
-    share them), in calls of at most model.encoder_batch frames: memory does not grow with B*G*T."""
+def test_frozen_encoders_run_once_per_prompt_in_bounded_chunks(built, batch, small_cfg):
+    """generate_with_masks of B prompts x G samples runs the SAM encoder on each of the B*T frames once
+    and each tower on each clip once (the G samples share them, in generate and in the scoring
+    forward), in calls of at most model.encoder_batch frames: memory does not grow with B*G*T."""
     model, proc = built
     model.eval()
     calls: list[int] = []
     hook = model.sam.vision_encoder.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    patches: list[int] = []
+    audio: list[int] = []
+    th = model.thinker.model
+    hooks = [th.visual.register_forward_hook(lambda mod, args, out: patches.append(args[0].shape[0])),
+             th.audio_tower.register_forward_pre_hook(
+                 lambda mod, args, kw: audio.append(len(kw["feature_lens"])), with_kwargs=True)]
     B, G, T = 3, 3, small_cfg.data.num_frames
+    prompts = proc.prompt_batch(batch)
     old = model.encoder_batch
     model.encoder_batch = 4
     try:
@@ -216,7 +231,73 @@ def test_frozen_sam_encoder_runs_once_per_frame_in_bounded_chunks(built, batch, 
                                       max_new_tokens=8, eos_id=proc.eos_id, pad_id=proc.pad_id,
                                       suppress_ids=proc.suppress_ids, decode=proc.decode)
     finally:
-        hook.remove()
+        for h in [hook, *hooks]:
+            h.remove()
         model.encoder_batch = old
     assert sum(calls) == B * T and max(calls) <= 4, calls  # needed: B*T frames, not B*G*T
+    assert sum(patches) == prompts.pixel_values_videos.shape[0], patches  # each clip's patches once
+    assert sum(audio) == B and len(audio) == len(patches) == 3, audio  # chunks of 4 // T = 1 clip
     assert r.mask_logits.shape[:2] == (B * G, T)
+
+
+def test_trainable_tokens_new_trains_only_the_seg_rows(small_cfg, batch, tmp_path):
+    """model.trainable_tokens=new: of the embedding and lm_head only the [SEG] rows train, the rest of
+    both matrices is the frozen base; the round trip through an export and the merged export keep the
+    trained rows."""
+    from dataclasses import replace
+
+    m = replace(small_cfg.model, trainable_tokens="new")
+    torch.manual_seed(0)
+    model, proc = build_model(m, small_cfg.data)
+    emb, head = model.thinker.get_input_embeddings(), model.thinker.lm_head
+    base_emb, base_head = emb.frozen.weight.detach().clone(), head.frozen.weight.detach().clone()
+    rows = {n: p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".rows")}
+    assert len(rows) == 2 and all(p.shape == (1, m.tiny.hidden_size) for p in rows.values()), rows
+    assert not any("modules_to_save" in n for n, _ in model.named_parameters())
+    assert not emb.frozen.weight.requires_grad and not head.frozen.weight.requires_grad
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    total_loss(model, proc, batch).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows.values())
+    opt.step()
+    model.eval()
+    ids = torch.arange(len(proc.tok))
+    h = torch.randn(5, m.tiny.hidden_size)
+    with torch.no_grad():
+        moved = (emb(ids[None])[0] - base_emb).abs().sum(-1).nonzero().flatten().tolist()
+        moved_logits = (head(h) - h @ base_head.T).abs().sum(0).nonzero().flatten().tolist()
+        ref = model(proc.train_batch(batch, batch["cot"]))
+    assert moved == moved_logits == [proc.seg_id]  # the [SEG] rows trained, nothing else moved
+    assert torch.equal(emb.frozen.weight, base_emb)
+    save_export(model, proc, m, tmp_path / "export")
+    loaded, proc2, m2 = load_export(tmp_path / "export", small_cfg.data, trainable=False)
+    assert m2.trainable_tokens == "new"
+    with torch.no_grad():
+        got = loaded.eval()(proc2.train_batch(batch, batch["cot"]))
+    assert torch.allclose(got.logits, ref.logits, atol=1e-5)
+    export_merged(tmp_path / "export", tmp_path / "merged", small_cfg.data)
+    merged, proc3, _ = load_export(tmp_path / "merged", small_cfg.data, trainable=False)
+    with torch.no_grad():
+        got = merged.eval()(proc3.train_batch(batch, batch["cot"]))
+    assert torch.allclose(got.logits, ref.logits, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(small_cfg, batch):
+    """model.gradient_checkpointing recomputes the decoder layers in backward: same gradients."""
+    from dataclasses import replace
+
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        model, proc = build_model(replace(small_cfg.model, gradient_checkpointing=gc), small_cfg.data)
+        model.train()
+        for mod in model.modules():  # LoRA dropout off: both runs must see the same network
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        total_loss(model, proc, batch).backward()
+        layers = model.thinker.model.language_model.layers
+        assert all(layer.gradient_checkpointing == gc for layer in layers)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n

@@ -1,11 +1,15 @@
 """Checkpoints laid out as the hub ships them (reduced depth, real widths, bench/make_reduced_checkpoint.py):
 the thinker loads from the full-Omni directory (no talker, no speaker table) and from a thinker-only
-one, with every weight taken from the file."""
+one, with every weight taken from the file; the checkpoints' processor settings are read; and on the
+3B-width checkpoint with the real-model config (frames 256, video 224, SAM 1024, 10 frames, 10 s of
+audio, the whole 151,936-token vocabulary) inspect_model, a ZeRO-3 SFT step on 2 CPU workers, a GRPO
+step and an evaluation batch run."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 
 import pytest
@@ -15,16 +19,21 @@ from safetensors.torch import save_file
 
 from aurora_core.model.build import _load_thinker
 from aurora_core.model.tokenizer import MM_TOKENS, load_tokenizer
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def reduced(tmp_path_factory):
+def checkpoint_builder():
     spec = importlib.util.spec_from_file_location("make_reduced_checkpoint", ROOT / "bench" / "make_reduced_checkpoint.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory):
+    mod = checkpoint_builder()
     return mod, mod.build(tmp_path_factory.mktemp("ckpt"), "3b", 1, "vit-b")
 
 
@@ -66,3 +75,103 @@ def test_a_checkpoint_missing_weights_is_an_error(reduced, tmp_path):
     save_file(kept, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 2 thinker weights .*conv1"):
         _load_thinker(bad, torch.bfloat16)
+
+
+def test_the_checkpoints_processor_settings_are_read_and_checked(reduced, tmp_path):
+    """preprocessor_config.json (Qwen's Whisper + image settings, SAM's) is read, not re-typed; a
+    value that contradicts our config is an error naming both."""
+    from dataclasses import replace
+
+    from aurora_core.config import load_config
+    from aurora_core.model.processor import AuroraProcessor, Preprocessing
+
+    mod, dirs = reduced
+    cfg = real_cfg(dirs, tmp_path)
+    proc = AuroraProcessor(load_tokenizer(dirs["full"]), cfg.model, cfg.data)
+    pc = json.loads((dirs["full"] / "preprocessor_config.json").read_text())
+    assert proc.pre.source.endswith("preprocessor_config.json")
+    assert list(proc.video.image_mean) == pc["image_mean"] and list(proc.video.image_std) == pc["image_std"]
+    assert proc.audio.n_fft == pc["n_fft"] and proc.audio.hop_length == pc["hop_length"] == cfg.model.audio_hop_length
+    assert list(proc.sam.image_mean) == mod.SAM_PREPROCESSOR["image_mean"]
+    bad = tmp_path / "omni"
+    bad.mkdir()
+    (bad / "preprocessor_config.json").write_text(json.dumps({**pc, "hop_length": 320}))
+    with pytest.raises(ValueError, match=r"hop_length=320 but we use 160 \(model.audio_hop_length\)"):
+        Preprocessing.for_model(replace(cfg.model, llm_path=str(bad)), cfg.data)
+    (bad / "preprocessor_config.json").write_text(json.dumps({**pc, "merge_size": 3}))
+    with pytest.raises(ValueError, match="merge_size=3 but we use 2"):
+        Preprocessing.for_model(replace(cfg.model, llm_path=str(bad)), cfg.data)
+    small = load_config(ROOT / "configs" / "tiny.yaml", [f"model.sam_path={dirs['sam']}"])
+    with pytest.raises(ValueError, match="longest_edge=1024 but model.sam_image_size=64"):
+        AuroraProcessor(load_tokenizer(dirs["full"]), small.model, small.data)
+
+
+def real_overrides(dirs, root) -> list[str]:
+    return checkpoint_builder().cpu_overrides(dirs, root)
+
+
+def real_cfg(dirs, root):
+    from aurora_core.config import load_config
+
+    return load_config(ROOT / "configs" / "qwen2.5-omni-7b.yaml", real_overrides(dirs, root))
+
+
+@pytest.fixture(scope="module")
+def real_run(reduced, tmp_path_factory):
+    from aurora_core import stages
+
+    _, dirs = reduced
+    root = tmp_path_factory.mktemp("reduced-run")
+    cfg = real_cfg(dirs, root)
+    stages.prepare(cfg)
+    return dirs, root, cfg
+
+
+def test_inspect_model_on_the_reduced_checkpoint(real_run):
+    """inspect_model.py with the real-model config: 3 samples of 10 frames at SAM 1024 stay far under
+    the machine's 24 GiB (the SAM encoder and the towers run in bounded chunks, once per prompt)."""
+    dirs, root, _ = real_run
+    r = run_script("pipelines/inspect_model.py", "--config", "configs/qwen2.5-omni-7b.yaml",
+                   *real_overrides(dirs, root), "--rows", "1", "--samples", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    assert re.search(r"llm\.lm_head +311,166,976 +2,048\n", r.stdout)  # the [SEG] row trains, not the matrix
+    assert "masks (1, 10, 256, 256)" in r.stdout and "masks (3, 10, 256, 256)" in r.stdout
+    peak = float(r.stdout.split("peak RSS ")[1].split(" MiB")[0])
+    assert peak < 16 * 1024, peak
+
+
+def test_sft_grpo_and_eval_steps_on_the_reduced_checkpoint(ray_session, real_run):
+    """A ZeRO-3 teacher step on 2 CPU workers, a GRPO step (rollout actor + learner, weights pushed)
+    and an evaluation batch at 3B widths, with their peak memory logged."""
+    from aurora_core import stages
+    from aurora_core.model.build import load_export
+
+    dirs, root, cfg = real_run
+    tracker = stages.tracker_for(cfg)
+    t = stages.teacher(cfg, tracker, None)
+    print(f"teacher step: {t['seconds']:.0f}s, peak RSS of the fullest worker {t['mem/peak_rss_mb']:.0f} MiB")
+    assert t["train/loss"] > 0 and t["mem/peak_rss_mb"] < 12 * 1024
+    teacher = stages.RunLayout(cfg).export("teacher")
+    meta = json.loads((teacher / "aurora.json").read_text())
+    assert meta["model"]["llm_path"] == str(dirs["full"]) and not (teacher / "base").exists()  # referenced
+    model, _, m = load_export(teacher, cfg.data, trainable=False)
+    assert m.trainable_tokens == "new" and model.thinker.lm_head.rows.shape == (1, 2048)
+    del model
+    g = stages.grpo(cfg, tracker, None, init=teacher)
+    h = g["history"][-1]
+    print(f"GRPO step: {g['seconds']:.0f}s, generate {h['time/generate_s']:.0f}s, learner {h['time/learner_s']:.0f}s, "
+          f"sync {h['sync/payload_mb']:.1f} MB, learner peak RSS {h['learner_mem/peak_rss_mb']:.0f} MiB")
+    assert h["optimizer_step"] == 1 and h["sync/payload_mb"] < 64
+    e = stages.evaluate(cfg, tracker, None, stages.RunLayout(cfg).export("grpo"))
+    print(f"eval: {e['seconds']:.0f}s")
+    assert list(e["splits"]) == ["test_n"] and (root / "reduced" / "eval" / "grpo" / "results.json").is_file()
+
+
+def test_gpu_check_config_composes_without_a_gpu(tmp_path):
+    """bench/gpu_check.py's one-GPU config (learner and rollout actor on halves of one GPU, weights
+    through the object store) is valid; the GPU parts themselves run only where a GPU is."""
+    r = run_script("bench/gpu_check.py", "--config-only", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "GPU check config ok: bfloat16, SAM 1024 px, 10 frames, learner 0.5 GPU + 1 rollout actor x 0.5 GPU, " \
+           "weights by object_store" in r.stdout

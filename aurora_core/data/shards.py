@@ -380,10 +380,12 @@ def rows_by_key(shards: Path, keys: list[str], splits: list[str], data: DataConf
 
 
 def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """For ``iter_torch_batches(collate_fn=collate)``: arrays -> tensors, string columns -> lists."""
+    """A batch of numpy columns -> tensors (string columns -> lists), for the model's processor."""
     import torch
 
-    return {k: (v.tolist() if v.dtype == object or v.dtype.kind in "US" else torch.from_numpy(np.ascontiguousarray(v)))
+    # read-only arrays (zero-copy from Arrow) are copied: torch tensors must be writable
+    return {k: (v.tolist() if v.dtype == object or v.dtype.kind in "US"
+                else torch.from_numpy(np.require(v, requirements=["C", "W"])))
             for k, v in batch.items()}
 
 

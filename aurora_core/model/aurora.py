@@ -25,10 +25,32 @@ NO_SEG_LOGIT = -20.0  # mask logits of a sample whose answer has no [SEG]: an em
 
 @dataclass
 class AuroraOutput:
-    logits: torch.Tensor  # [B, L, V]
+    logits: torch.Tensor  # [B, L - logits_from, V] logits of positions logits_from..L-1
     seg_embedding: torch.Tensor  # [B, D] projected [SEG] state (zeros where no [SEG])
     has_seg: torch.Tensor  # [B] bool
     mask_logits: torch.Tensor | None  # [B, T, S, S]
+    logits_from: int = 0  # the column of input_ids that logits[:, 0] belongs to
+
+
+@dataclass
+class FrozenFeatures:
+    """What the frozen encoders make of a batch of clips, computed once and shared by every forward
+    that reads the same clips (the G samples of a prompt, the scoring forward, the learner's
+    micro-batches and iterations). Rows follow the clips of the ModelInputs they came from."""
+
+    audio: torch.Tensor  # [B, na, H] audio-tower output per clip (LLM width), one per <|AUDIO|> token
+    video: torch.Tensor  # [B, nv, H] vision-tower output per clip (merged patches), one per <|VIDEO|> token
+    image_embeddings: torch.Tensor  # [B, T, D, e, e] SAM image-encoder output per frame
+
+    def repeat_interleave(self, g: int) -> FrozenFeatures:
+        return FrozenFeatures(*(x.repeat_interleave(g, 0) for x in (self.audio, self.video, self.image_embeddings)))
+
+    def rows(self, start: int, stop: int) -> FrozenFeatures:
+        return FrozenFeatures(self.audio[start:stop], self.video[start:stop], self.image_embeddings[start:stop])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenFeatures:
+        return FrozenFeatures(*(x.to(device=device, dtype=dtype) for x in
+                                (self.audio, self.video, self.image_embeddings)))
 
 
 @dataclass
@@ -41,6 +63,7 @@ class Rollouts:
     logprobs: torch.Tensor  # [B*G, C] log p(token) under the sampling policy (logits / temperature)
     mask_logits: torch.Tensor  # [B*G, T, S, S]
     has_seg: torch.Tensor  # [B*G] bool
+    features: FrozenFeatures  # [B] the frozen encoders' outputs per prompt (in-process only)
 
 
 def _last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +116,21 @@ class AuroraModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: ModelInputs, with_masks: bool = True, seg_from: int = 0,
-                image_embeddings: torch.Tensor | None = None) -> AuroraOutput:
-        """``image_embeddings`` [B*T, D, e, e]: the SAM encoder's output for ``inputs.sam_pixel_values``
-        when already computed (it is frozen: G samples of one prompt share it)."""
-        out = self.llm(**inputs.thinker_kwargs(), output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1]  # post-norm last layer: what lm_head reads
+                features: FrozenFeatures | None = None, logits_from: int | None = None) -> AuroraOutput:
+        """``features``: the frozen encoders' outputs for these rows' clips when already computed
+        (:meth:`frozen_features`); without them the towers and the SAM encoder run here.
+
+        ``logits_from``: logits only for positions from this column on (default: the position before
+        the first answer label, or all without labels). The lm_head over a 150k-token vocabulary is
+        the largest matmul of a real-width step and its logits the largest tensor (a 1,000-token
+        prompt: 0.6 GB of fp32 logits per row), and no loss reads a prompt position's logits."""
+        if logits_from is None:
+            logits_from = inputs.answer_start() - 1 if inputs.labels is not None else 0
+        logits_from = max(0, logits_from)
+        # the thinker's decoder, then its lm_head on the positions that need logits (the thinker's
+        # own forward has no logits_to_keep); peft's LoRA layers sit inside, the head may be wrapped
+        hidden = self.thinker.model(**self.thinker_inputs(inputs, features), use_cache=False).last_hidden_state
+        logits = self.thinker.lm_head(hidden[:, logits_from:])
         is_seg = inputs.input_ids == self.seg_token_id
         is_seg &= inputs.attention_mask.bool()
         if seg_from:
@@ -105,8 +138,46 @@ class AuroraModel(nn.Module):
         has_seg, pos = _last_index(is_seg)  # the answer's (last) [SEG]
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         seg = self.seg_proj(h) * has_seg[:, None].to(h.dtype)
-        masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg, image_embeddings) if with_masks else None
-        return AuroraOutput(out.logits, seg, has_seg, masks)
+        emb = None if features is None else features.image_embeddings.flatten(0, 1)
+        masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg, emb) if with_masks else None
+        return AuroraOutput(logits, seg, has_seg, masks, logits_from)
+
+    def thinker_inputs(self, inputs: ModelInputs, features: FrozenFeatures | None = None) -> dict:
+        """The thinker's keyword arguments: raw media (its towers run inside), or, given ``features``,
+        the token embeddings with the tower outputs scattered onto the placeholders, as the thinker
+        does itself (``input_ids`` stays: the 3-D rope positions are computed from it)."""
+        if features is None:
+            return inputs.thinker_kwargs()
+        cfg = self.thinker.config
+        emb = self.thinker.get_input_embeddings()(inputs.input_ids)
+        for token, feats in ((cfg.audio_token_id, features.audio), (cfg.video_token_id, features.video)):
+            where = (inputs.input_ids == token)[..., None]
+            if int(where.sum()) != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"{int(where.sum())} placeholder tokens {token} but features for "
+                                 f"{feats.shape[0]} x {feats.shape[1]}: features of other clips?")
+            emb = emb.masked_scatter(where, feats.to(emb.dtype))
+        kw = inputs.thinker_kwargs()
+        for k in ("input_features", "pixel_values_videos"):
+            del kw[k]
+        return dict(kw, inputs_embeds=emb)
+
+    @torch.no_grad()
+    def frozen_features(self, inputs: ModelInputs) -> FrozenFeatures:
+        """The audio tower, the vision tower and the SAM image encoder on each clip of ``inputs`` once,
+        without activations kept (they are frozen), in chunks of at most ``encoder_batch`` frames
+        (at least one clip) so memory does not grow with the batch."""
+        b, t = inputs.sam_pixel_values.shape[:2]
+        per = max(1, self.encoder_batch // t)
+        th = self.thinker.model
+        audio, video = [], []
+        for i in range(0, b, per):
+            part = inputs.rows(i, min(b, i + per))
+            a = th.get_audio_features(part.input_features, part.feature_attention_mask).last_hidden_state
+            audio.append(a.reshape(part.batch_size, -1, a.shape[-1]))  # equal lengths: fixed-length clips
+            v = th.get_video_features(part.pixel_values_videos, part.video_grid_thw).pooler_output
+            video.append(torch.stack(list(v)))
+        emb = self.image_embeddings(inputs.sam_pixel_values)
+        return FrozenFeatures(torch.cat(audio), torch.cat(video), emb.unflatten(0, (b, t)))
 
     def image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, s, s] -> [B*T, D, e, e], ``encoder_batch`` frames per encoder call."""
@@ -117,7 +188,8 @@ class AuroraModel(nn.Module):
 
     def decode_masks(self, seg: torch.Tensor, sam_pixel_values: torch.Tensor, has_seg: torch.Tensor,
                      image_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, D] prompts x [B, T, 3, s, s] frames -> mask logits [B, T, S, S] (S = mask_size)."""
+        """[B, D] prompts x [B, T, 3, s, s] frames -> mask logits [B, T, S, S] (S = mask_size);
+        ``image_embeddings`` [B*T, D, e, e] when already computed."""
         b, t = sam_pixel_values.shape[:2]
         emb = self.image_embeddings(sam_pixel_values) if image_embeddings is None else image_embeddings
         pe = self.sam.get_image_wide_positional_embeddings().to(emb.dtype).repeat(b * t, 1, 1, 1)
@@ -140,7 +212,8 @@ class AuroraModel(nn.Module):
                             max_new_tokens: int, eos_id: int, pad_id: int, suppress_ids: list[int],
                             decode, do_sample: bool = True) -> Rollouts:
         """Sample G completions per prompt in one batched generate, then one teacher-forced forward
-        for the log-probs (at the sampling temperature) and the masks at each completion's [SEG]."""
+        for the log-probs (at the sampling temperature) and the masks at each completion's [SEG].
+        The frozen encoders run once per prompt; its G samples share their outputs in both."""
         g = num_samples
         gen_kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=g, eos_token_id=eos_id,
                           pad_token_id=pad_id, suppress_tokens=suppress_ids or None, use_cache=True)
@@ -148,20 +221,18 @@ class AuroraModel(nn.Module):
             gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        seqs = self.llm.generate(**prompts.thinker_kwargs(), **gen_kwargs)
+        feats = self.frozen_features(prompts)
+        seqs = self.llm.generate(**self.thinker_inputs(prompts, feats), **gen_kwargs)
         p = prompts.input_ids.shape[1]
         comp = seqs[:, p:]
         is_end = comp == eos_id
         comp_mask = ((is_end.long().cumsum(1) - is_end.long()) == 0).long()  # through the first end token
         comp = comp.masked_fill(comp_mask == 0, pad_id)
-        # the frozen SAM encoder once per prompt's frames, shared by its g samples
-        t = prompts.sam_pixel_values.shape[1]
-        emb = self.image_embeddings(prompts.sam_pixel_values)
-        emb = emb.unflatten(0, (-1, t)).repeat_interleave(g, 0).flatten(0, 1)
-        out, logits = self.forward_completions(prompts.repeat_interleave(g), comp, comp_mask, image_embeddings=emb)
+        out, logits = self.forward_completions(prompts.repeat_interleave(g), comp, comp_mask,
+                                               features=feats.repeat_interleave(g))
         logprobs = token_logprobs(logits, comp, temperature if do_sample else 1.0) * comp_mask
         texts = [decode(row[m.bool()]) for row, m in zip(comp, comp_mask)]
-        return Rollouts(texts, comp, comp_mask, logprobs, out.mask_logits, out.has_seg)
+        return Rollouts(texts, comp, comp_mask, logprobs, out.mask_logits, out.has_seg, feats)
 
     @torch.no_grad()
     def masks_with_forced_seg(self, prompts: ModelInputs, r: Rollouts, suffix_ids: list[int], eos_id: int,
@@ -175,19 +246,20 @@ class AuroraModel(nn.Module):
             ids = ids[ids != eos_id]
             full = torch.cat([ids, torch.tensor(suffix_ids + [eos_id], dtype=ids.dtype, device=ids.device)])[None]
             j = i // num_samples
-            out, _ = self.forward_completions(prompts.rows(j, j + 1), full, torch.ones_like(full))
+            out, _ = self.forward_completions(prompts.rows(j, j + 1), full, torch.ones_like(full),
+                                              features=r.features.rows(j, j + 1))
             masks[i] = out.mask_logits[0].to(masks.dtype)
         return masks
 
     def forward_completions(self, prompts: ModelInputs, completion_ids: torch.Tensor,
                             completion_mask: torch.Tensor, with_masks: bool = True,
-                            image_embeddings: torch.Tensor | None = None) -> tuple[AuroraOutput, torch.Tensor]:
+                            features: FrozenFeatures | None = None) -> tuple[AuroraOutput, torch.Tensor]:
         """Teacher-forced forward of (left-padded) prompts + completions, one row each; returns the
         output and the logits that predict each completion token ([N, C, V])."""
         full = with_completions(prompts, completion_ids, completion_mask)
         p = prompts.input_ids.shape[1]
-        out = self.forward(full, with_masks=with_masks, seg_from=p, image_embeddings=image_embeddings)
-        return out, out.logits[:, p - 1:-1]
+        out = self.forward(full, with_masks=with_masks, seg_from=p, features=features, logits_from=p - 1)
+        return out, out.logits[:, :-1]
 
 
 def with_completions(prompts: ModelInputs, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> ModelInputs:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from transformers import (
 
 from aurora_core.config import DataConfig, ModelConfig
 from aurora_core.data.atomic import staged_dir
+from aurora_core.model import token_rows
 from aurora_core.model.aurora import AuroraModel
 from aurora_core.model.processor import AuroraProcessor
 from aurora_core.model.tokenizer import CHAT_END, MM_TOKENS, build_tiny_tokenizer, load_tokenizer, token_id
@@ -85,11 +87,28 @@ def tiny_sam_config(m: ModelConfig) -> SamConfig:
     )
 
 
-def _lora(m: ModelConfig):
+def _lora(m: ModelConfig) -> Any:
+    """LoRA on the LLM's attention; with ``model.trainable_tokens=full`` whole trainable copies of
+    ``embed_tokens`` and ``lm_head`` too (``new``: aurora_core.model.token_rows, after wrapping)."""
     from peft import LoraConfig
 
+    full = m.trainable_tokens == "full"
     return LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-                      target_modules=m.lora.target_modules, modules_to_save=["lm_head", "embed_tokens"])
+                      target_modules=m.lora.target_modules,
+                      modules_to_save=["lm_head", "embed_tokens"] if full else None)
+
+
+def new_token_ids(tok) -> list[int]:
+    """The tokens this project adds to the LLM's vocabulary: [SEG]."""
+    return [token_id(tok, SEG_TOKEN)]
+
+
+def _checkpoint_layers(thinker: torch.nn.Module, m: ModelConfig) -> None:
+    """``model.gradient_checkpointing``: recompute the decoder layers' activations in backward (the
+    towers run frozen, without activations kept). Non-reentrant: the variant ZeRO-3 and peft support."""
+    if m.gradient_checkpointing:
+        thinker.model.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _load_thinker(path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -138,11 +157,14 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
             sam = SamModel(tiny_sam_config(m)).to(dtype)
     else:
         sam = SamModel.from_pretrained(m.sam_path, local_files_only=True, dtype=dtype, use_safetensors=True)
+    _checkpoint_layers(thinker, m)
     llm = thinker
     if m.lora.enabled:
         from peft import get_peft_model
 
         llm = get_peft_model(thinker, _lora(m))
+        if m.trainable_tokens == "new":
+            token_rows.wrap(thinker, new_token_ids(tok))
     proc = AuroraProcessor(tok, m, data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.tiny.init_seed + 2)
@@ -169,6 +191,7 @@ def parameter_report(model: AuroraModel) -> dict[str, dict[str, int]]:
 def head_state(model: AuroraModel) -> dict[str, torch.Tensor]:
     sd = {f"seg_proj.{k}": v for k, v in model.seg_proj.state_dict().items()}
     sd.update({f"sam.mask_decoder.{k}": v for k, v in model.sam.mask_decoder.state_dict().items()})
+    sd.update(token_rows.row_state(model.thinker))
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
@@ -209,9 +232,10 @@ def _base_state(model: AuroraModel) -> dict[str, torch.Tensor]:
     """The thinker's frozen base weights under their plain (non-peft) names."""
     out = {}
     for k, v in model.thinker.state_dict().items():
-        if "lora_" in k or "modules_to_save" in k:
+        if "lora_" in k or "modules_to_save" in k or k.endswith(".rows"):
             continue
-        out[k.replace(".base_layer.", ".").replace(".original_module.", ".")] = v.detach().cpu().contiguous()
+        k = k.replace(".base_layer.", ".").replace(".original_module.", ".").replace(".frozen.", ".")
+        out[k] = v.detach().cpu().contiguous()
     return out
 
 
@@ -225,10 +249,13 @@ def is_export(path: Path) -> bool:
     return (Path(path) / "aurora.json").is_file()
 
 
+RUNTIME_SETTINGS = ("encoder_batch", "gradient_checkpointing")  # how a process runs the model, not what it is
+
+
 def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtype: str | None = None,
-                encoder_batch: int | None = None) -> tuple[AuroraModel, AuroraProcessor, ModelConfig]:
+                runtime: ModelConfig | None = None) -> tuple[AuroraModel, AuroraProcessor, ModelConfig]:
     """Rebuild a model from an export directory (safetensors only, never unpickling). ``dtype`` and
-    ``encoder_batch`` (runtime settings of this process) override what the export recorded."""
+    the ``RUNTIME_SETTINGS`` of ``runtime`` (this process's config) override what the export recorded."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -240,8 +267,8 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
     m: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
     if dtype:
         m.dtype = dtype
-    if encoder_batch:
-        m.encoder_batch = encoder_batch
+    for k in RUNTIME_SETTINGS if runtime is not None else ():
+        setattr(m, k, getattr(runtime, k))
     tdt = torch_dtype(m.dtype)
     tok = load_tokenizer(path / "tokenizer")
     if meta["lora"]:
@@ -251,9 +278,15 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
         thinker = _load_thinker(base_dir, tdt)
         if len(tok) > thinker.get_input_embeddings().weight.shape[0]:
             thinker.resize_token_embeddings(len(tok))
+        if trainable:
+            _checkpoint_layers(thinker, m)
         llm = PeftModel.from_pretrained(thinker, str(path / "adapter"), is_trainable=trainable)
+        if m.trainable_tokens == "new":
+            token_rows.wrap(thinker, new_token_ids(tok))
     else:
         llm = _load_thinker(path / "llm", tdt)
+        if trainable:
+            _checkpoint_layers(llm, m)
     sam_dir = path / "sam" if (path / "sam").is_dir() else m.sam_path
     sam = SamModel.from_pretrained(str(sam_dir), local_files_only=True, dtype=tdt, use_safetensors=True)
     proc = AuroraProcessor(tok, m, data)
@@ -262,6 +295,8 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
     model.seg_proj.load_state_dict({k[len("seg_proj."):]: v for k, v in heads.items() if k.startswith("seg_proj.")})
     model.sam.mask_decoder.load_state_dict(
         {k[len("sam.mask_decoder."):]: v for k, v in heads.items() if k.startswith("sam.mask_decoder.")})
+    if m.trainable_tokens == "new":
+        token_rows.load_row_state(model.thinker, heads, str(path / "heads.safetensors"))
     model.to(tdt)
     if not trainable:
         for p in model.parameters():
@@ -292,7 +327,7 @@ def export_merged(path: str | Path, out: str | Path, data: DataConfig) -> Path:
     model, proc, m = load_export(path, data, trainable=False)
     if model.has_lora:
         model.llm = model.llm.merge_and_unload()
-    m_full = ModelConfig(**{**m.__dict__})
-    m_full.lora.enabled = False
-    m_full.llm_path = None if m.is_tiny else m.llm_path
+        token_rows.unwrap(model.llm)
+    # no adapter left: every weight is the model's own (the [SEG] rows merged in)
+    m_full = replace(m, lora=replace(m.lora, enabled=False), trainable_tokens="full")
     return save_export(model, proc, m_full, Path(out), extra={"merged_from": str(path)})

@@ -13,8 +13,10 @@ ours (both measured), so we call its parts directly.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,39 @@ log = logging.getLogger(__name__)
 WHISPER_SAMPLE_RATE = 16000
 TEMPORAL_PATCH = 2  # Qwen2.5-Omni vision: frames per temporal patch
 MERGE = 2  # spatial merge: 2x2 patches -> one token
+PATCH = 14  # vision patch side in pixels
+# Qwen2.5-Omni's preprocessor_config.json values our token counts and tower inputs are built on
+# (a checkpoint that differs is an error, not silently re-typed)
+FIXED = {"patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL_PATCH, "feature_size": 128}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The processors' settings: the checkpoint's ``preprocessor_config.json`` where it has one
+    (Qwen2.5-Omni ships one file for its Whisper features and its Qwen2-VL image processor), the
+    Qwen2.5-Omni values for the tiny default."""
+
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    n_fft: int = 400
+    source: str = "Qwen2.5-Omni defaults (tiny model)"
+
+    @classmethod
+    def for_model(cls, m: ModelConfig, data: DataConfig) -> Preprocessing:
+        """Read ``<llm_path>/preprocessor_config.json``; a value that contradicts our config (hop length,
+        sample rate) or the constants the token counts rest on is an error naming both values."""
+        if m.llm_path is None or not (Path(m.llm_path) / "preprocessor_config.json").is_file():
+            return cls(n_fft=max(400, 2 * m.audio_hop_length))
+        path = Path(m.llm_path) / "preprocessor_config.json"
+        pc = json.loads(path.read_text())
+        ours = {**FIXED, "hop_length": m.audio_hop_length, "sampling_rate": data.sample_rate}
+        where = {"hop_length": "model.audio_hop_length", "sampling_rate": "data.sample_rate"}
+        for k, v in ours.items():
+            if k in pc and pc[k] != v:
+                raise ValueError(f"{path}: {k}={pc[k]} but we use {v}"
+                                 f"{f' ({where[k]})' if k in where else ''}; set it to the checkpoint's value")
+        return cls(tuple(pc.get("image_mean", cls.image_mean)), tuple(pc.get("image_std", cls.image_std)),
+                   int(pc.get("n_fft", 400)), str(path))
 
 
 @dataclass
@@ -50,6 +85,11 @@ class ModelInputs:
     @property
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
+
+    def answer_start(self) -> int:
+        """The first column holding an answer label in any row (right-padded training batches)."""
+        has = (self.labels != IGNORE_INDEX).any(0).nonzero()
+        return int(has[0]) if len(has) else self.input_ids.shape[1]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelInputs:
         def move(k: str, v: Any) -> Any:
@@ -90,17 +130,19 @@ class AuroraProcessor:
                              f"set data.sample_rate={WHISPER_SAMPLE_RATE} (got {data.sample_rate})")
         self.tok = tokenizer
         self.max_answer_tokens = model.max_answer_tokens
+        self.pre = pre = Preprocessing.for_model(model, data)
         px = model.video_size * model.video_size
         self.video = Qwen2VLVideoProcessor(size={"shortest_edge": px, "longest_edge": px},
-                                           cap_pixels_per_frame=False, temporal_patch_size=TEMPORAL_PATCH)
-        self.audio = WhisperFeatureExtractor(feature_size=128, sampling_rate=WHISPER_SAMPLE_RATE,
-                                             hop_length=model.audio_hop_length, n_fft=max(400, 2 * model.audio_hop_length))
-        s = model.sam_image_size
-        self.sam = SamImageProcessor(size={"longest_edge": s}, pad_size={"height": s, "width": s})
+                                           cap_pixels_per_frame=False, temporal_patch_size=TEMPORAL_PATCH,
+                                           patch_size=PATCH, merge_size=MERGE, image_mean=list(pre.image_mean),
+                                           image_std=list(pre.image_std))
+        self.audio = WhisperFeatureExtractor(feature_size=FIXED["feature_size"], sampling_rate=WHISPER_SAMPLE_RATE,
+                                             hop_length=model.audio_hop_length, n_fft=pre.n_fft)
+        self.sam = _sam_processor(model)
         self.second_per_grid = TEMPORAL_PATCH / model.video_fps
         # the vision tower groups frames in pairs: an odd count (AVSBench's 5) gets its last frame
         # repeated (as Qwen2VLVideoProcessor pads a short temporal patch); SAM still sees each frame once
-        grid = -(-data.num_frames // TEMPORAL_PATCH) * (model.video_size // 14) ** 2
+        grid = -(-data.num_frames // TEMPORAL_PATCH) * (model.video_size // PATCH) ** 2
         self.num_video_tokens = grid // MERGE**2
         frames = int(round(data.audio_seconds * WHISPER_SAMPLE_RATE)) // model.audio_hop_length
         self.num_audio_tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1
@@ -170,3 +212,17 @@ class AuroraProcessor:
         att = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
         lab = torch.tensor([r + [IGNORE_INDEX] * (n - len(r)) for r in labels])
         return ModelInputs(input_ids=ids, attention_mask=att, labels=lab, **self._media(batch))
+
+
+def _sam_processor(m: ModelConfig) -> SamImageProcessor:
+    """SAM's processor: the checkpoint's own (its mean/std, resize and pad) when it ships one, which
+    must agree with ``model.sam_image_size``; built from that size for the tiny default."""
+    s = m.sam_image_size
+    if m.sam_path is not None and (Path(m.sam_path) / "preprocessor_config.json").is_file():
+        proc = SamImageProcessor.from_pretrained(m.sam_path, local_files_only=True)
+        size = proc.size.get("longest_edge") if isinstance(proc.size, dict) else getattr(proc.size, "longest_edge", None)
+        if size != s:
+            raise ValueError(f"{m.sam_path}/preprocessor_config.json resizes to longest_edge={size} but "
+                             f"model.sam_image_size={s}; set it to the checkpoint's value")
+        return proc
+    return SamImageProcessor(size={"longest_edge": s}, pad_size={"height": s, "width": s})

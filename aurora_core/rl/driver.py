@@ -9,6 +9,8 @@ Rerunning with the same run name continues from the newest one.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import logging
 import random
@@ -49,44 +51,55 @@ class DriverState:
 
 class PromptStream:
     """Train rows in a seeded order per epoch (block order, then a seeded local shuffle buffer),
-    endlessly; what it hands out is the data position."""
+    endlessly. What ``take`` hands out is the data position (``state.epoch`` / ``state.consumed``);
+    ``prefetch`` reads ahead (the next step's clips decode while the learner works) without moving it,
+    so a checkpoint taken meanwhile resumes at the first row not handed out."""
 
     def __init__(self, cfg: AuroraConfig, shards_dir: Path, state: DriverState):
         self.cfg, self.shards_dir, self.state = cfg, Path(shards_dir), state
         self.files = shards.split_files(self.shards_dir, ["train"])
+        self._ahead: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()  # (epoch, row)
         self._rows = self._iter()
 
-    def _iter(self) -> Iterator[dict[str, Any]]:
+    def _iter(self) -> Iterator[tuple[int, dict[str, Any]]]:
         from aurora_core.train.epochs import epoch_pipeline
 
-        first = True
+        epoch, skip = self.state.epoch, list(self.state.consumed)
+        g = self.cfg.grpo
         while True:
-            skip = list(self.state.consumed) if first else []
-            first = False
-            ds = epoch_pipeline(self.files, self.cfg.data, self.state.epoch, self.cfg.run.seed, skip, None,
+            ds = epoch_pipeline(self.files, self.cfg.data, epoch, self.cfg.run.seed, skip, None,
                                 batch_size=16, shuffle=True)
             # the seeded block order is only the prompt order if streaming keeps it (same seed, same run)
             ds.context.execution_options.preserve_order = True
             any_row = False
-            g = self.cfg.grpo
             for batch in ds.iter_batches(batch_size=16, batch_format="numpy",
                                          local_shuffle_buffer_size=g.shuffle_buffer or None,
-                                         local_shuffle_seed=self.cfg.run.seed * 1000 + self.state.epoch):
+                                         local_shuffle_seed=self.cfg.run.seed * 1000 + epoch):
                 for i in range(len(batch["key"])):
                     any_row = True
-                    yield {k: batch[k][i] for k in CLIP_KEYS}
+                    yield epoch, {k: batch[k][i] for k in CLIP_KEYS}
             if not any_row and not skip:
                 raise RuntimeError(f"the train split of {self.shards_dir} is empty")
-            self.state.epoch += 1
-            self.state.consumed = []
+            epoch, skip = epoch + 1, []
 
     def close(self) -> None:
         """Stop the open Ray Data iteration now (not at interpreter exit, when Ray may be gone)."""
         self._rows.close()
 
+    def prefetch(self, n: int) -> None:
+        """Read and decode the next ``n`` rows ahead; the data position does not move."""
+        while len(self._ahead) < n:
+            self._ahead.append(next(self._rows))
+
     def take(self, n: int) -> dict[str, np.ndarray]:
-        rows = [next(self._rows) for _ in range(n)]
-        self.state.consumed.extend(str(r["key"]) for r in rows)
+        self.prefetch(n)
+        rows = []
+        for _ in range(n):
+            epoch, row = self._ahead.popleft()
+            if epoch != self.state.epoch:  # the first row of a new epoch
+                self.state.epoch, self.state.consumed = epoch, []
+            self.state.consumed.append(str(row["key"]))
+            rows.append(row)
         return stack(rows)
 
 
@@ -111,18 +124,20 @@ def collect(cfg: AuroraConfig, pool, stream: PromptStream) -> StepBatch:
     kept: list[tuple[dict[str, np.ndarray], RolloutGroup]] = []
     spare: list[tuple[dict[str, np.ndarray], RolloutGroup]] = []
     drawn = zero_var = tokens = 0
-    t_gen = t_ref = 0.0
+    t_gen = t_ref = t_fetch = t_put = 0.0
     rounds = 0
     first_ref = None
     while len(kept) < P:
         need = P - len(kept)
+        t0 = time.time()
         clips = stream.take(need)
         drawn += need
-        t0 = time.time()
+        t1 = time.time()
         ref = ray.put(clips)
         first_ref = ref if rounds == 0 else None
+        t2 = time.time()
         results = pool.generate(ref, list(range(need)))
-        t_gen += time.time() - t0
+        t_fetch, t_put, t_gen = t_fetch + t1 - t0, t_put + t2 - t1, t_gen + time.time() - t2
         if pool.reference is not None:
             t0 = time.time()
             pool.reference_logprobs(ref, results)
@@ -142,7 +157,8 @@ def collect(cfg: AuroraConfig, pool, stream: PromptStream) -> StepBatch:
     clips = {k: np.concatenate([c[k] for c, _ in kept]) for k in kept[0][0]}
     # every drawn prompt kept, in order: the clips already in the object store serve the learner too
     reuse = first_ref if drawn == P and rounds == 1 else None
-    return StepBatch(clips, [grp for _, grp in kept], drawn, zero_var, t_gen, tokens, ref_time=t_ref, clips_ref=reuse)
+    return StepBatch(clips, [grp for _, grp in kept], drawn, zero_var, t_gen, tokens, ref_time=t_ref, clips_ref=reuse,
+                     fetch_time=t_fetch, put_time=t_put)
 
 
 def zero_variance(group: RolloutGroup) -> bool:
@@ -212,23 +228,29 @@ def save_checkpoint(cfg: AuroraConfig, learner, state: DriverState, queued: Step
     return out
 
 
-def load_checkpoint(cfg: AuroraConfig, path: Path, learner, shards_dir: Path) -> tuple[DriverState, StepBatch | None]:
+def read_state(path: Path) -> DriverState:
+    """The driver's step, epoch and data position of a checkpoint."""
+    return DriverState(**json.loads((path / "driver.json").read_text())["state"])
+
+
+def load_checkpoint(cfg: AuroraConfig, path: Path, learner, state: DriverState, shards_dir: Path) -> StepBatch | None:
+    """The learner's weights and optimizer, the RNG (``state`` from :func:`read_state`) and the
+    rollouts queued for the next step (async mode)."""
     from aurora_core.train.checkpoint import set_rng_state
 
     meta = json.loads((path / "driver.json").read_text())
     learner.call("load", str(path))
-    state = DriverState(**meta["state"])
     if state.rng:
         set_rng_state(state.rng)
     q = meta.get("queued")
     if not q:
-        return state, None
+        return None
     arrays = load_np(str(path / "queued.safetensors"))
     groups = [RolloutGroup.restore(info, {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")})
               for i, info in enumerate(q["groups"])]
     rows = shards.rows_by_key(shards_dir, q["keys"], ["train"], cfg.data)
     clips = {k: rows[k] for k in CLIP_KEYS}
-    return state, StepBatch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
+    return StepBatch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -263,17 +285,25 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     t0 = time.time()
-    learner = LearnerGroup(cfg, str(init))
-    state, queued = DriverState(), None
     ckpt = latest_checkpoint(cfg)
-    if ckpt is not None:
-        state, queued = load_checkpoint(cfg, ckpt, learner, shards_dir)
-        log.info("resumed GRPO from %s (step %d)", ckpt, state.step)
-    pool = RolloutPool(cfg, str(init))
-    sync = WeightSync(cfg, learner, pool)
-    if state.step > 0:
-        sync.push(state.step)
+    state, queued = (read_state(ckpt) if ckpt is not None else DriverState()), None
     stream = PromptStream(cfg, shards_dir, state)
+    # the first prompts are read and decoded (Ray Data's start-up, seconds) while the actors load
+    warm = concurrent.futures.ThreadPoolExecutor(1).submit(stream.prefetch, g.prompts_per_step)
+    try:
+        learner = LearnerGroup(cfg, str(init))
+        if ckpt is not None:
+            queued = load_checkpoint(cfg, ckpt, learner, state, shards_dir)
+            log.info("resumed GRPO from %s (step %d)", ckpt, state.step)
+        pool = RolloutPool(cfg, str(init))
+        sync = WeightSync(cfg, learner, pool)
+        if state.step > 0:
+            sync.push(state.step)
+    except BaseException:
+        concurrent.futures.wait([warm])
+        stream.close()
+        raise
+    concurrent.futures.wait([warm])
     print(f"[grpo] learner x{g.learner_workers}, rollout actors x{g.rollout_actors}, ready in {time.time() - t0:.0f}s; "
           f"steps {state.step + 1}..{g.steps}, {g.prompts_per_step} prompts x {g.num_samples} samples"
           + (", async" if g.async_rollouts else "") + (", dynamic sampling" if g.dynamic_sampling else ""),
@@ -281,21 +311,29 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
     metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
     try:
+        warm.result()  # re-raises what the prefetch raised (an empty train split)
         while state.step < g.steps:
             t_step = time.time()
             batch = queued if queued is not None else collect(cfg, pool, stream)
             queued = None
             t_gen_wall = time.time() - t_step
+            t0 = time.time()
             adv = batch_advantages(cfg, batch.groups)
             clips_ref = batch.clips_ref if batch.clips_ref is not None else ray.put(batch.clips)
             t_learn = time.time()
+            t_adv = t_learn - t0
             step_refs = learner.step(clips_ref, batch.groups, adv)
             # one-step off-policy: the next batch is generated (by the current weights) meanwhile
             nxt: dict[str, Any] = {}
             worker = None
+            t_prefetch = 0.0
             if g.async_rollouts and state.step + 1 < g.steps:
                 worker = threading.Thread(target=lambda: nxt.setdefault("batch", collect(cfg, pool, stream)))
                 worker.start()
+            elif state.step + 1 < g.steps:  # sync: the next prompts read and decoded while the learner works
+                t0 = time.time()
+                stream.prefetch(g.prompts_per_step)
+                t_prefetch = time.time() - t0
             learn = learner_get(step_refs)[0]
             t_learn = time.time() - t_learn
             overlap = 0.0
@@ -315,7 +353,14 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
             metrics.update({"time/step_s": wall, "time/generate_s": batch.gen_time, "time/reward_s": reward_time,
                             "time/reference_s": batch.ref_time,
                             "time/learner_s": learn["learner_time_s"], "time/sync_s": t_sync,
-                            "time/wait_next_batch_s": overlap,
+                            "time/wait_next_batch_s": overlap, "sync/payload_mb": sync.payload_bytes / 2**20,
+                            # the step's overhead, itemised: prompts taken from the stream (what the
+                            # prefetch left), object-store puts, advantages, the learner call's round trip
+                            # beyond the learner's own time (scheduling, arguments), prefetch (overlapped)
+                            "time/fetch_s": batch.fetch_time, "time/put_s": batch.put_time,
+                            "time/advantages_s": t_adv,
+                            "time/learner_call_s": max(0.0, t_learn - learn["learner_time_s"]),
+                            "time/prefetch_s": t_prefetch,
                             "time/idle_s": max(0.0, wall - compute - t_sync), "policy_version": float(state.step),
                             "rollout_actors_replaced": float(pool.replaced), "epoch": float(state.epoch)})
             logger.metrics(metrics, state.step)
@@ -327,7 +372,8 @@ def _run_from_latest(cfg: AuroraConfig, init: Path, out: Path, shards_dir: Path,
                   f"cut {metrics['truncated_frac']:.2f} no-seg {metrics['no_seg_frac']:.2f} "
                   f"zero-var {metrics['zero_variance_frac']:.2f} | "
                   f"gen {batch.gen_time:.1f}s learn {learn['learner_time_s']:.1f}s sync {t_sync:.2f}s "
-                  f"{metrics['gen_tokens_per_s']:.0f} tok/s", flush=True)
+                  f"{metrics['gen_tokens_per_s']:.0f} tok/s, {sync.payload_bytes / 2**20:.1f} MB pushed, learner "
+                  f"peak RSS {learn['learner_mem/peak_rss_mb']:.0f} MiB", flush=True)
             if state.step % g.checkpoint_every == 0 or state.step == g.steps:
                 learner_call(save_checkpoint, cfg, learner, state, queued)
         learner_call(learner.call, "export", str(out), {"stage": "grpo", "global_step": state.step,

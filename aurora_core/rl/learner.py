@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from aurora_core import losses
-from aurora_core.model.aurora import token_logprobs
+from aurora_core import losses, memory
+from aurora_core.model.aurora import FrozenFeatures, token_logprobs
 from aurora_core.model.processor import ModelInputs
 from aurora_core.rl import grpo
 from aurora_core.rl.trajectory import RolloutGroup
@@ -35,7 +35,7 @@ class LearnerBatch:
     """One rank's share of a step, padded and repeated, with the global counts the losses divide by."""
 
     prompts: ModelInputs  # [n] each prompt repeated G times (n = this rank's completions)
-    image_embeddings: torch.Tensor  # [n * T, D, e, e] SAM image embeddings of each completion's frames
+    features: FrozenFeatures  # [n] the frozen encoders' outputs of each completion's clip (once per prompt)
     completion_ids: torch.Tensor  # [n, C] long, pad_id after the end token
     completion_mask: torch.Tensor  # [n, C] long, 1 on generated tokens
     policy_mask: torch.Tensor  # [n, C] long, the tokens of the policy/KL terms (grpo.overlong)
@@ -83,7 +83,7 @@ class LearnerWorker:
                                 rank=self.rank, world_size=self.world)
         torch.manual_seed(self.cfg.run.seed * 100 + self.rank)
         model, self.proc, _ = load_export(self.init_export, self.cfg.data, trainable=True,
-                                             encoder_batch=self.cfg.model.encoder_batch)
+                                             runtime=self.cfg.model)
         model.to(self.device)
         opt = zero3.Optimization.for_grpo(g)
         self.engine, self.scheduler = zero3.initialize(model, zero3.deepspeed_config(g.deepspeed_config, opt, gpu), opt)
@@ -91,6 +91,11 @@ class LearnerWorker:
         # do: an on-policy ratio exp(logp - logp_old) is then exactly 1 before the first update, and
         # clipping never fires on noise. The SFT stages keep train mode.
         self.engine.eval()
+        if self.cfg.model.gradient_checkpointing:
+            # transformers checkpoints a decoder layer only while that layer is in training mode: flag
+            # the layers alone, their submodules (LoRA dropout) stay in eval
+            for layer in self.engine.module.thinker.model.language_model.layers:
+                layer.training = True
         self.dtype = torch.bfloat16 if gpu else torch.float32
         return self.rank
 
@@ -132,13 +137,11 @@ class LearnerWorker:
                               dtype=torch.float64)
         dist.all_reduce(counts)
         prompts = self.proc.prompt_batch(sub)
-        # the frozen SAM encoder once per prompt per step, not per sample and iteration (every rank
-        # holds the same number of prompts, so ZeRO-3's parameter gathers stay in step)
-        t = prompts.sam_pixel_values.shape[1]
-        emb = self.engine.module.image_embeddings(prompts.sam_pixel_values.to(self.device, self.dtype))
+        # the frozen towers and SAM encoder once per prompt per step, not per sample and iteration
+        # (every rank holds the same number of prompts, so ZeRO-3's parameter gathers stay in step)
+        feats = self.engine.module.frozen_features(prompts.to(self.device, self.dtype))
         return LearnerBatch(
-            prompts=prompts.repeat_interleave(G),
-            image_embeddings=emb.unflatten(0, (-1, t)).repeat_interleave(G, 0).flatten(0, 1),
+            prompts=prompts.repeat_interleave(G), features=feats.repeat_interleave(G),
             completion_ids=cat("completion_ids", self.proc.pad_id, torch.long), completion_mask=cmask,
             policy_mask=pmask, old_logprobs=cat("logprobs", 0.0, torch.float32),
             ref_logprobs=cat("ref_logprobs", 0.0, torch.float32) if g.kl_coef > 0 else None,
@@ -162,9 +165,8 @@ class LearnerWorker:
                 stop = min(n, start + g.micro_batch)
                 ids, cm = b.completion_ids[start:stop].to(dev), b.completion_mask[start:stop].to(dev)
                 pm = b.policy_mask[start:stop].to(dev)
-                t = b.masks_gt.shape[1]
                 out, logits = _forward(self.engine, b.prompts.rows(start, stop).to(dev, self.dtype), ids, cm,
-                                       b.image_embeddings[start * t:stop * t])
+                                       b.features.rows(start, stop))
                 logp = token_logprobs(logits, ids, g.temperature)
                 pg, ratio, clipped = grpo.clipped_surrogate(logp, b.old_logprobs[start:stop].to(dev),
                                                             b.advantages[start:stop].to(dev), g.clip_eps,
@@ -214,6 +216,8 @@ class LearnerWorker:
         lo = torch.tensor([extremes["ratio_min"]], dtype=torch.float64)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        peaks = torch.tensor(list(memory.peak_mb().values()), dtype=torch.float64)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # the fullest learner rank
         it = self.cfg.grpo.num_iterations
         tok = max(1.0, tot["tokens"])
         return {"loss/policy": tot["loss/policy"] / it, "loss/mask": tot["loss/mask"] / it,
@@ -222,15 +226,19 @@ class LearnerWorker:
                 "ratio_max": float(hi) if tot["tokens"] else 1.0, "ratio_min": float(lo) if tot["tokens"] else 1.0,
                 "entropy": tot["entropy"] / max(1.0, tot["entropy_tokens"]), "lr": lr,
                 "policy_tokens": tot["tokens"] / it, "learner_time_s": time.time() - t0,
-                "optimizer_step": int(self.engine.global_steps)}
+                "optimizer_step": int(self.engine.global_steps),
+                **{f"learner_{k}": v for k, v in zip(memory.peak_mb(), peaks.tolist())}}
 
     # ------------------------------------------------------------------ weights and state
-    def gather_weights(self) -> dict[str, torch.Tensor] | None:
-        """Collective: every rank takes part, rank 0 returns the full trainable tensors."""
+    def gather_weights(self, wire: bool = False) -> dict[str, torch.Tensor] | None:
+        """Collective: every rank takes part, rank 0 returns the full trainable tensors (fp32 master
+        copies; ``wire``: in the compute dtype, what a rollout actor loads: bf16 on GPUs halves a push)."""
         from aurora_core.train import zero3
 
         w = zero3.gather_trainable(self.engine)
-        return w if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {n: v.to(self.dtype) for n, v in w.items()} if wire else w
 
     def sync_manifest(self):
         """Names, full shapes and wire dtype of the trainable weights, in broadcast order."""
@@ -288,13 +296,13 @@ class LearnerWorker:
             export_with_weights(self.init_export, self.cfg.model, self.cfg.data, w, Path(out), extra)
 
 
-def _forward(engine, prompts, ids, cmask, image_embeddings):
+def _forward(engine, prompts, ids, cmask, features: FrozenFeatures):
     """Through the DeepSpeed engine (its forward does ZeRO-3's parameter bookkeeping)."""
     from aurora_core.model.aurora import with_completions
 
     p = prompts.input_ids.shape[1]
-    out = engine(with_completions(prompts, ids, cmask), True, p, image_embeddings)
-    return out, out.logits[:, p - 1:-1]
+    out = engine(with_completions(prompts, ids, cmask), True, p, features, p - 1)
+    return out, out.logits[:, :-1]
 
 
 class LearnerGroup:
@@ -304,7 +312,7 @@ class LearnerGroup:
         from aurora_core.config import to_dict
 
         g = cfg.grpo
-        resources = dict(num_cpus=g.learner_cpus, num_gpus=1 if g.use_gpu else None)
+        resources = dict(num_cpus=g.learner_cpus, num_gpus=g.learner_gpus if g.use_gpu else None)
         cls = ray.remote(**{k: v for k, v in resources.items() if v is not None})(LearnerWorker)
         self.workers = [cls.remote(to_dict(cfg), str(init_export), r, g.learner_workers)
                         for r in range(g.learner_workers)]
@@ -318,9 +326,9 @@ class LearnerGroup:
         return [w.step.remote(clips_ref, (r * per, (r + 1) * per), groups[r * per:(r + 1) * per],
                               advantages[r * per:(r + 1) * per]) for r, w in enumerate(self.workers)]
 
-    def gather_weights(self):
+    def gather_weights(self, wire: bool = False):
         """Refs of every rank's call; the first (rank 0) holds the weights, stored once in the object store."""
-        return [w.gather_weights.remote() for w in self.workers]
+        return [w.gather_weights.remote(wire) for w in self.workers]
 
     def broadcast_weights(self, version: int):
         """Refs of every rank's call; the first (rank 0) returns the checksum of what it sent."""

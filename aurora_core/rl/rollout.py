@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+import zlib
 from typing import Any, Callable
 
 import numpy as np
@@ -42,7 +43,7 @@ class RolloutWorker:
         self.weights = RewardWeights(g.reward_format, g.reward_class, g.reward_iou, g.iou_threshold)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False,
-                                                 encoder_batch=self.cfg.model.encoder_batch)
+                                                 runtime=self.cfg.model)
         self.model.to(self.device).eval()
         self.dtype = next(self.model.llm.parameters()).dtype
         self.params = {n: p for n, p in self.model.named_parameters()}
@@ -90,7 +91,9 @@ class RolloutWorker:
             raise RuntimeError(f"asked for policy version {version} but holds {self.version}")
         g = self.cfg.grpo
         sub = collate({k: v[indices] for k, v in clips.items()})
-        torch.manual_seed(self.seed * 100003 + version * 1009 + indices[0])
+        # seeded by the run, the policy version and the prompt's row key, not by the actor or the
+        # position: the same samples whichever actor is free (or a replacement) takes the chunk
+        torch.manual_seed(self.cfg.run.seed * 100003 + version * 1009 + zlib.crc32(str(sub["key"][0]).encode()))
         t0 = time.time()
         prompts = self.proc.prompt_batch(sub).to(self.device, self.dtype)
         r = self.model.generate_with_masks(

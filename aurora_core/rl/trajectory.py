@@ -69,3 +69,5 @@ class StepBatch:
     gen_tokens: int
     ref_time: float = 0.0  # seconds the KL reference worker took for this batch
     clips_ref: object = field(default=None, repr=False)  # the clips in the object store, if already put
+    fetch_time: float = 0.0  # seconds taking its prompts from the stream (what prefetch did not cover)
+    put_time: float = 0.0  # seconds putting its clips into the object store

@@ -90,8 +90,13 @@ class WeightSync:
     """The learner -> rollout actors weight push of a GRPO run (``grpo.weight_sync``)."""
 
     def __init__(self, cfg, learner, pool):
+        from aurora_core.rl.learner import learner_get
+
         self.cfg, self.learner, self.pool = cfg, learner, pool
         self.mode = sync_mode(cfg.grpo)
+        manifest = learner_get([learner.workers[0].sync_manifest.remote()])[0]
+        # what every push sends to each rollout actor (logged as sync/payload_mb)
+        self.payload_bytes = sum(manifest.sizes) * DTYPES[manifest.dtype].itemsize
         if self.mode == "broadcast":  # a replacement actor reads the current weights from rank 0
             pool.weights_source = lambda version: learner.workers[0].weights_of.remote(version)
 
@@ -114,7 +119,7 @@ class WeightSync:
                 raise RuntimeError(f"weight broadcast of version {version} arrived corrupted at rollout actor(s) "
                                    f"{bad} (checksum {[received[i] for i in bad]} != {sent})")
             return
-        refs = self.learner.gather_weights()
+        refs = self.learner.gather_weights(wire=True)
         ray.wait(refs, num_returns=len(refs), fetch_local=False)
         learner_get(refs[1:])  # ranks > 0 return None; raises if one died
         learner_call(self.pool.push, refs[0], version)

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-from aurora_core import losses, reasoning
+from aurora_core import losses, memory, reasoning
 from aurora_core.config import AuroraConfig, StageConfig, config_from_dict, to_dict
 from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics
@@ -57,7 +58,7 @@ def targets(spec: StageSpec, batch: dict[str, Any]) -> list[str]:
 def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Tensor | None,
                gt_frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``gt_frames`` [B, T] bool: the mask terms over frames with ground truth only (None: all)."""
-    t = {"lm": losses.lm_loss(out.logits, inp.labels),
+    t = {"lm": losses.lm_loss(out.logits, inp.labels[:, out.logits_from:]),
          "bce": losses.mask_bce(out.mask_logits, masks, valid=gt_frames),
          "dice": losses.dice_loss(out.mask_logits, masks, valid=gt_frames)}
     loss = st.lm_weight * t["lm"] + st.bce_weight * t["bce"] + st.dice_weight * t["dice"]
@@ -72,7 +73,7 @@ def initial_model(cfg: AuroraConfig, spec: StageSpec):
     from aurora_core.model.build import build_model, load_export
 
     if spec.init:
-        return load_export(spec.init, cfg.data, trainable=True, encoder_batch=cfg.model.encoder_batch)
+        return load_export(spec.init, cfg.data, trainable=True, runtime=cfg.model)
     model, proc = build_model(cfg.model, cfg.data)
     return model, proc, cfg.model
 
@@ -92,6 +93,13 @@ def _seed(seed: int) -> None:
 
 # --------------------------------------------------------------------------- worker
 
+class TorchCollate(NumpyBatchCollateFn):
+    """shards.collate in the form iter_torch_batches takes (a plain function is deprecated since Ray 2.47)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return shards.collate(batch)
+
+
 def _epochs_of_batches(st: StageConfig, first_epoch: int, seed: int, rank: int):
     """This worker's batches of epochs first_epoch.. in order (each epoch is its own dataset shard)."""
     import ray.train
@@ -99,7 +107,7 @@ def _epochs_of_batches(st: StageConfig, first_epoch: int, seed: int, rank: int):
     for e in range(first_epoch, st.epochs):
         log.info("epoch %d: reading train_e%d", e + 1, e)
         yield from ray.train.get_dataset_shard(f"train_e{e}").iter_torch_batches(
-            batch_size=st.batch_size, collate_fn=shards.collate, local_shuffle_buffer_size=8 * st.batch_size,
+            batch_size=st.batch_size, collate_fn=TorchCollate(), local_shuffle_buffer_size=8 * st.batch_size,
             local_shuffle_seed=seed * 1000 + e * 10 + rank)
 
 
@@ -178,7 +186,7 @@ def train_worker(config: dict[str, Any]) -> None:
         overlays = []
         cap = st.val_rows // world if st.val_rows else None
         for batch in ray.train.get_dataset_shard("val").iter_torch_batches(
-                batch_size=st.batch_size, collate_fn=shards.collate):
+                batch_size=st.batch_size, collate_fn=TorchCollate()):
             if cap is not None and sums[4] >= cap:
                 continue  # keep consuming: every rank must see its whole share
             inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
@@ -256,6 +264,9 @@ def train_worker(config: dict[str, Any]) -> None:
                        "train/step_time_s": dt, "train/data_wait_s": t_data, "train/epoch": epoch}
             if teacher is not None:
                 metrics["train/distill"] = red[4] / micro
+            peaks = torch.tensor(list(memory.peak_mb().values()), dtype=torch.float64)
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # the fullest rank
+            metrics.update(zip(memory.peak_mb(), peaks.tolist()))
             metrics = {k: float(v) for k, v in metrics.items()}
             if state.global_step % cfg.train.log_every_steps == 0:
                 logger.metrics(metrics, state.global_step)
@@ -264,7 +275,8 @@ def train_worker(config: dict[str, Any]) -> None:
                           f"loss {metrics['train/loss']:.4f} (lm {metrics['train/lm']:.3f} bce {metrics['train/bce']:.3f} "
                           f"dice {metrics['train/dice']:.3f}"
                           + (f" distill {metrics['train/distill']:.4f}" if teacher is not None else "")
-                          + f") lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s",
+                          + f") lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                          f"{memory.describe(metrics)}",
                           flush=True)
             pending = []
             step_sums.zero_()
