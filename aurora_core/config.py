@@ -194,7 +194,7 @@ class ModelConfig:
     max_answer_tokens: int = 160  # training targets are cut to this many tokens (with a warning)
     # Rows of the token embedding and lm_head that train (with LoRA): ``full`` = both whole matrices
     # (AURORA / LISA; 2 x 152,064 x 3,584 = 1.09 B parameters at 7B, ~2.2 GB per bf16 weight push),
-    # ``new`` = only the rows of the tokens we add ([SEG]; peft trainable_token_indices).
+    # ``new`` = only the rows of the tokens we add ([SEG]; aurora_core.model.token_rows).
     trainable_tokens: str = "full"
     # activation checkpointing of the LLM's decoder layers (recompute in backward): real widths
     gradient_checkpointing: bool = False

@@ -16,6 +16,16 @@ def peak_mb() -> dict[str, float]:
     return out
 
 
+def peak_mb_over_ranks() -> dict[str, float]:
+    """:func:`peak_mb` of the fullest rank of the default process group (a collective)."""
+    import torch.distributed as dist
+
+    peaks = peak_mb()
+    t = torch.tensor(list(peaks.values()), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(peaks, t.tolist()))
+
+
 def describe(peaks: dict[str, float]) -> str:
     gpu = f", GPU {peaks['mem/peak_gpu_mb']:.0f} MiB" if "mem/peak_gpu_mb" in peaks else ""
     return f"peak RSS {peaks['mem/peak_rss_mb']:.0f} MiB{gpu}"

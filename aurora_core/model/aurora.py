@@ -48,10 +48,6 @@ class FrozenFeatures:
     def rows(self, start: int, stop: int) -> FrozenFeatures:
         return FrozenFeatures(self.audio[start:stop], self.video[start:stop], self.image_embeddings[start:stop])
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenFeatures:
-        return FrozenFeatures(*(x.to(device=device, dtype=dtype) for x in
-                                (self.audio, self.video, self.image_embeddings)))
-
 
 @dataclass
 class Rollouts:

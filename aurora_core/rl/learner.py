@@ -216,8 +216,7 @@ class LearnerWorker:
         lo = torch.tensor([extremes["ratio_min"]], dtype=torch.float64)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        peaks = torch.tensor(list(memory.peak_mb().values()), dtype=torch.float64)
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # the fullest learner rank
+        peaks = memory.peak_mb_over_ranks()
         it = self.cfg.grpo.num_iterations
         tok = max(1.0, tot["tokens"])
         return {"loss/policy": tot["loss/policy"] / it, "loss/mask": tot["loss/mask"] / it,
@@ -227,7 +226,7 @@ class LearnerWorker:
                 "entropy": tot["entropy"] / max(1.0, tot["entropy_tokens"]), "lr": lr,
                 "policy_tokens": tot["tokens"] / it, "learner_time_s": time.time() - t0,
                 "optimizer_step": int(self.engine.global_steps),
-                **{f"learner_{k}": v for k, v in zip(memory.peak_mb(), peaks.tolist())}}
+                **{f"learner_{k}": v for k, v in peaks.items()}}
 
     # ------------------------------------------------------------------ weights and state
     def gather_weights(self, wire: bool = False) -> dict[str, torch.Tensor] | None:

@@ -264,9 +264,7 @@ def train_worker(config: dict[str, Any]) -> None:
                        "train/step_time_s": dt, "train/data_wait_s": t_data, "train/epoch": epoch}
             if teacher is not None:
                 metrics["train/distill"] = red[4] / micro
-            peaks = torch.tensor(list(memory.peak_mb().values()), dtype=torch.float64)
-            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # the fullest rank
-            metrics.update(zip(memory.peak_mb(), peaks.tolist()))
+            metrics.update(memory.peak_mb_over_ranks())
             metrics = {k: float(v) for k, v in metrics.items()}
             if state.global_step % cfg.train.log_every_steps == 0:
                 logger.metrics(metrics, state.global_step)
