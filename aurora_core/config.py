@@ -341,6 +341,11 @@ class GRPOConfig:
     # machines, bench/gpu_check.py; NCCL broadcast sync then needs grpo.weight_sync=object_store)
     learner_gpus: float = 1.0
     use_gpu: bool = False  # learner on GPUs (NCCL + bf16)
+    # the learner's frozen-encoder features (SAM image embeddings, tower outputs): "ship" = the rollout
+    # actor that computed them puts them in the object store, once per prompt (recomputed only when
+    # lost: a dead actor, a resumed queue); "recompute" = the learner runs the frozen encoders again
+    # once per prompt per step. Measured by bench/real_widths.py: shipping is ~80x cheaper on CPU
+    learner_features: str = "ship"
     deepspeed_config: str = "configs/deepspeed/zero3.json"
     checkpoint_every: int = 5
     num_to_keep: int = 2
@@ -362,6 +367,8 @@ class GRPOConfig:
                f"grpo: each learner gets {per_worker} samples, which must be a multiple of grpo.micro_batch "
                f"({self.micro_batch})")
         _check(self.rollout_actors >= 1 and self.rollout_chunk >= 1, "grpo.rollout_actors/rollout_chunk must be >= 1")
+        _check(self.learner_features in ("ship", "recompute"),
+               f"grpo.learner_features must be ship|recompute, not {self.learner_features!r}")
         _check(0 < self.clip_eps < 1, "grpo.clip_eps must be in (0, 1)")
         _check(self.num_iterations >= 1, "grpo.num_iterations must be >= 1")
         _check(self.weight_sync in ("auto", "broadcast", "object_store"),

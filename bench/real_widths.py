@@ -7,14 +7,16 @@ layout (bench/make_reduced_checkpoint.py; built into a temporary directory unles
 one: 3B text widths, 1 layer per tower, SAM ViT-B widths at 1024 px), on this machine's CPU, in one
 process (no Ray, no DeepSpeed: the learner part is plain autograd, so ZeRO-3's gathers are not in it).
 One step = the rollout side's ``generate_with_masks`` of ``--prompts`` prompts x ``--samples`` samples,
-then the learner side's work on the same completions: frozen features once, a teacher-forced forward
-+ backward per micro-batch (``grpo.micro_batch``).
+then the learner side's work on the same completions: the rollout's frozen features shipped through
+the object store (grpo.learner_features=ship, the default), a teacher-forced forward + backward per
+micro-batch (``grpo.micro_batch``).
 
 It prints, per step:
   - calls and wall time of each frozen encoder (SAM image encoder, vision tower, audio tower), the
     mask decoder, and the rest (LLM forward/backward, generate), measured with forward hooks;
-  - frozen work done / needed, where *needed* is each clip once on each side (rollout, learner):
-    SAM frames B*T, vision patches of B clips, B audio clips per side; 1.0 = nothing recomputed;
+  - frozen work done / needed over the whole step, where *needed* is each clip once: SAM frames B*T,
+    vision patches of B clips, B audio clips; 1.0 = nothing recomputed;
+  - the learner's frozen features shipped (object store put + get, same node) against recomputed;
   - the weight-push payload at the full 7B widths (28 layers, LoRA r=8 on q/v, SAM ViT-H's mask
     decoder, seg_proj) for model.trainable_tokens=new and =full, counted on a meta-device build, in the
     learner's GPU wire dtype (bf16);
@@ -156,13 +158,23 @@ def main() -> int:
     for m in meters.values():
         m.reset()
 
-    # ---- learner side: features once, forward + backward per micro-batch
+    # ---- learner side: the rollout's features shipped (one object per prompt, as the actors put
+    # them), forward + backward per micro-batch
+    import ray
+
+    from aurora_core.model.aurora import FrozenFeatures
+
+    size = sum(x.numel() * x.element_size() for x in (r.features.audio, r.features.video, r.features.image_embeddings))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=max(256 * 2**20, 4 * size), log_to_driver=False)
     model.train()
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
     t0 = time.perf_counter()
-    feats = model.frozen_features(prompts).repeat_interleave(G)
+    refs = [ray.put(r.features.rows(j, j + 1)) for j in range(B)]
+    feats = FrozenFeatures.cat(ray.get(refs)).repeat_interleave(G)
+    t_ship = time.perf_counter() - t0
     rep = prompts.repeat_interleave(G)
     fwd = bwd = 0.0
     mb = cfg.grpo.micro_batch
@@ -178,27 +190,20 @@ def main() -> int:
         fwd, bwd = fwd + t2 - t1, bwd + time.perf_counter() - t2
     report["learner"] = {"wall_s": time.perf_counter() - t0, "llm_forward_s": fwd, "backward_s": bwd,
                          **{k: vars_of(m) for k, m in meters.items()}}
-
-    # ship the rollout side's frozen features to the learner, or recompute them there?
-    t0 = time.perf_counter()
-    once = model.frozen_features(prompts)
-    t_compute = time.perf_counter() - t0
-    size = sum(x.numel() * x.element_size() for x in (once.audio, once.video, once.image_embeddings))
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=max(256 * 2**20, 4 * size), log_to_driver=False)
-    t0 = time.perf_counter()
-    ray.get(ray.put(once))
-    t_ship = time.perf_counter() - t0
     ray.shutdown()
+
+    # what grpo.learner_features=recompute would cost the learner instead (not counted as done work)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.frozen_features(prompts)
+        t_compute = time.perf_counter() - t0
     h7, e = reduced.TEXT["7b"]["hidden_size"], 64  # SAM ViT-H: 256 x 64 x 64 per frame
     per_prompt_7b = (T * 256 * e * e + (proc.num_video_tokens + proc.num_audio_tokens) * h7) * 2  # bf16
     report["ship_or_recompute"] = {"recompute_s": t_compute, "ship_same_node_s": t_ship, "bytes": size,
                                    "bytes_per_prompt_7b_vit_h_bf16": per_prompt_7b}
 
     report["frozen_done_over_needed"] = {
-        k: (report["rollout"][k]["items"] + report["learner"][k]["items"]) / (2 * n) for k, n in needed.items()}
+        k: (report["rollout"][k]["items"] + report["learner"][k]["items"]) / n for k, n in needed.items()}
     report["payload_7b"] = payload
     report["config"] = {"checkpoint": str(dirs["full"]), "prompts": B, "samples": G, "frames": T,
                         "sam_image_size": cfg.model.sam_image_size, "video_size": cfg.model.video_size,
@@ -221,8 +226,8 @@ def main() -> int:
     for k, v in report["frozen_done_over_needed"].items():
         print(f"  frozen work done / needed  {k:28s} {v:.2f}")
     sr = report["ship_or_recompute"]
-    print(f"  learner's frozen features for {B} prompts: recomputed {sr['recompute_s']:.2f}s, shipped through the "
-          f"object store (same node, put + get) {sr['ship_same_node_s']:.3f}s for {sr['bytes'] / 2**20:.0f} MB; "
+    print(f"  learner's frozen features for {B} prompts: shipped through the object store (same node, put + get; "
+          f"used) {sr['ship_same_node_s']:.3f}s for {sr['bytes'] / 2**20:.0f} MB, recomputed {sr['recompute_s']:.2f}s; "
           f"at 7B + ViT-H {sr['bytes_per_prompt_7b_vit_h_bf16'] / 2**20:.1f} MB per prompt in bf16")
     for tt, pl in report["payload_7b"].items():
         print(f"  weight push at 7B, trainable_tokens={tt:4s}  {pl['trainable'] / 1e6:8.1f} M params  "

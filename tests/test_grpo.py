@@ -187,16 +187,21 @@ def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_sha
     """Every loss term is normalised by a global count: the same batch (completions with [SEG], so
     the mask loss has a gradient; KL on) gives the same updated weights on 1 learner rank with 2
     micro-batches and on 2 ranks with 1 each (fp32, gloo; tolerance 1e-5 against Adam's first-step
-    moves of ~lr = 5e-3, so a term counted K times, which flips the sign of mixed updates, shows)."""
+    moves of ~lr = 5e-3, so a term counted K times, which flips the sign of mixed updates, shows).
+    The 1-rank learner computes the frozen features itself; the 2 ranks read them shipped in the
+    object store, as the rollout actors put them (grpo.learner_features=ship)."""
+    from dataclasses import replace
+
     import ray
 
+    from aurora_core.data.shards import collate
     from aurora_core.model.build import load_export
     from aurora_core.rl.learner import LearnerGroup
     from aurora_core.rl.trajectory import RolloutGroup
 
     P, G = 2, 3
     step_clips = {k: v[:P] for k, v in clips.items()}
-    _, proc, _ = load_export(trained_export, cfg_for(tmp_path, small_shards).data, trainable=False)
+    model, proc, _ = load_export(trained_export, cfg_for(tmp_path, small_shards).data, trainable=False)
     rng = np.random.default_rng(0)
     groups = []
     for i in range(P):
@@ -214,15 +219,18 @@ def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_sha
     groups[1].truncated[2] = True  # grpo.overlong=mask leaves this completion out of the policy/KL terms
     adv = rng.normal(size=(P, G)).astype(np.float32)
     ref = ray.put(step_clips)
+    with torch.no_grad():
+        feats = model.frozen_features(proc.prompt_batch(collate(step_clips)))
+    shipped = [replace(grp, features=ray.put(feats.rows(i, i + 1))) for i, grp in enumerate(groups)]
     weights, metrics = {}, {}
-    for k in (1, 2):
+    for k, step_groups in ((1, groups), (2, shipped)):
         cfg = cfg_for(tmp_path / f"k{k}", small_shards, f"grpo.learner_workers={k}", f"grpo.prompts_per_step={P}",
                       "grpo.micro_batch=3", "grpo.kl_coef=0.1", "grpo.warmup_steps=0", "grpo.lr=5e-3",
                       "grpo.mask_loss_weight=1.0", "grpo.overlong=mask")
         learner = LearnerGroup(cfg, str(trained_export))
         try:
             init = ray.get(learner.gather_weights()[0])
-            metrics[k] = ray.get(learner.step(ref, groups, adv))[0]
+            metrics[k] = ray.get(learner.step(ref, step_groups, adv))[0]
             weights[k] = ray.get(learner.gather_weights()[0])
         finally:
             learner.shutdown()
@@ -232,6 +240,7 @@ def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_sha
     for key in ("loss/policy", "loss/mask", "loss/total", "kl", "ratio_mean"):
         assert metrics[1][key] == pytest.approx(metrics[2][key], rel=1e-5, abs=1e-7), key
     assert metrics[1]["loss/mask"] > 0.01  # the mask term was on and is logged as optimised
+    assert (metrics[1]["features_recomputed"], metrics[2]["features_recomputed"]) == (P, 0)
     tokens = sum(int(grp.completion_mask.sum()) for grp in groups)
     assert metrics[1]["policy_tokens"] == metrics[2]["policy_tokens"] == tokens - int(groups[1].completion_mask[2].sum())
     assert metrics[1]["loss/total"] == pytest.approx(metrics[1]["loss/policy"] + metrics[1]["loss/mask"], rel=1e-5)

@@ -48,6 +48,13 @@ class FrozenFeatures:
     def rows(self, start: int, stop: int) -> FrozenFeatures:
         return FrozenFeatures(self.audio[start:stop], self.video[start:stop], self.image_embeddings[start:stop])
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> FrozenFeatures:
+        return FrozenFeatures(*(x.to(device, dtype) for x in (self.audio, self.video, self.image_embeddings)))
+
+    @classmethod
+    def cat(cls, parts: list[FrozenFeatures]) -> FrozenFeatures:
+        return cls(*(torch.cat([getattr(f, k) for f in parts]) for k in ("audio", "video", "image_embeddings")))
+
 
 @dataclass
 class Rollouts:

@@ -47,6 +47,7 @@ class LearnerBatch:
     global_tokens: float  # policy tokens over all ranks
     global_seqs: float  # completions with at least one policy token, over all ranks
     global_samples: float  # completions over all ranks (the mask loss's mean)
+    features_recomputed: float  # prompts whose frozen features the learners computed (not shipped), all ranks
 
 
 class LearnerWorker:
@@ -109,7 +110,7 @@ class LearnerWorker:
         lr = float(self.scheduler.get_last_lr()[0])  # the LR this step's update uses
         batch = self._prepare({k: v[rows[0]:rows[1]] for k, v in clips.items()}, groups, advantages)
         sums, extremes = self._update(batch)
-        return self._metrics(sums, extremes, lr, t0)
+        return {**self._metrics(sums, extremes, lr, t0), "features_recomputed": batch.features_recomputed}
 
     def _prepare(self, clips: dict[str, np.ndarray], groups: list[RolloutGroup], advantages: np.ndarray
                  ) -> LearnerBatch:
@@ -137,9 +138,7 @@ class LearnerWorker:
                               dtype=torch.float64)
         dist.all_reduce(counts)
         prompts = self.proc.prompt_batch(sub)
-        # the frozen towers and SAM encoder once per prompt per step, not per sample and iteration
-        # (every rank holds the same number of prompts, so ZeRO-3's parameter gathers stay in step)
-        feats = self.engine.module.frozen_features(prompts.to(self.device, self.dtype))
+        feats, recomputed = self._frozen_features(groups, prompts)
         return LearnerBatch(
             prompts=prompts.repeat_interleave(G), features=feats.repeat_interleave(G),
             completion_ids=cat("completion_ids", self.proc.pad_id, torch.long), completion_mask=cmask,
@@ -147,7 +146,33 @@ class LearnerWorker:
             ref_logprobs=cat("ref_logprobs", 0.0, torch.float32) if g.kl_coef > 0 else None,
             advantages=torch.from_numpy(np.asarray(advantages, dtype=np.float32).reshape(-1)),
             masks_gt=sub["masks"].repeat_interleave(G, 0), gt_frames=sub["gt_frames"].repeat_interleave(G, 0),
-            global_tokens=float(counts[0]), global_seqs=float(counts[1]), global_samples=float(counts[2]))
+            global_tokens=float(counts[0]), global_seqs=float(counts[1]), global_samples=float(counts[2]),
+            features_recomputed=recomputed)
+
+    def _frozen_features(self, groups: list[RolloutGroup], prompts: ModelInputs) -> tuple[FrozenFeatures, float]:
+        """The frozen towers' and SAM encoder's outputs for this rank's prompts, once per step (not per
+        sample, micro-batch or iteration): the ones the rollout actors shipped (grpo.learner_features=ship),
+        else computed here. Collective: if any rank lacks one (a rollout actor died, a batch restored
+        from a checkpoint), every rank recomputes all of its own, since under ZeRO-3 each encoder forward
+        gathers parameters from all ranks and every rank must make the same calls. Returns the features
+        and the prompts recomputed over all ranks."""
+        import ray
+        import torch.distributed as dist
+
+        shipped = None
+        refs = [grp.features for grp in groups]
+        if all(ref is not None for ref in refs):
+            try:
+                shipped = FrozenFeatures.cat(ray.get(refs)).to(self.device, self.dtype)
+            except ray.exceptions.ObjectLostError as e:  # its owner (a rollout actor) died
+                log.warning("learner rank %d: shipped frozen features lost (%s); recomputing them", self.rank,
+                            type(e).__name__)
+        missing = torch.tensor([0.0 if shipped is not None else 1.0], dtype=torch.float64)
+        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+        if not missing.item():
+            return shipped, 0.0
+        feats = self.engine.module.frozen_features(prompts.to(self.device, self.dtype))
+        return feats, float(len(groups) * self.world)
 
     def _update(self, b: LearnerBatch) -> tuple[dict[str, float], dict[str, float]]:
         """``grpo.num_iterations`` optimizer steps over the batch, in micro-batches. Every term is a

@@ -127,15 +127,26 @@ class RolloutWorker:
         t_rew = time.time() - t0
         for o in out:
             o.gen_time, o.reward_time = t_gen / len(indices), t_rew / len(indices)
+        if g.learner_features == "ship":
+            import ray
+
+            # owned by this actor: if it dies before the learner reads them, the learner recomputes
+            for j, o in enumerate(out):
+                o.features = ray.put(r.features.rows(j, j + 1).to("cpu"))
         return out
 
     @torch.no_grad()
     def reference_logprobs(self, clips: dict[str, Any], indices: list[int],
-                           completions: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+                           completions: list[tuple[np.ndarray, np.ndarray]], features: list) -> list[np.ndarray]:
         """Per prompt ``clips[i]`` and its completions (ids, mask) [G, C]: log p of each completion token
         under this actor's weights, [G, C] float32 (0 on padding). A worker that never receives weights
-        holds the export GRPO started from: the KL reference."""
+        holds the export GRPO started from: the KL reference. ``features``: per prompt, the ObjectRef
+        of the frozen features a rollout actor shipped, or None; computed here (once per prompt) when
+        absent or lost."""
+        import ray
+
         from aurora_core.data.shards import collate
+        from aurora_core.model.aurora import FrozenFeatures
 
         g = self.cfg.grpo
         sub = collate({k: v[indices] for k, v in clips.items()})
@@ -144,8 +155,18 @@ class RolloutWorker:
         for j, (ids, mask) in enumerate(completions):
             ids_t = torch.from_numpy(ids).long().to(self.device)
             mask_t = torch.from_numpy(mask).long().to(self.device)
+            feats: FrozenFeatures | None = None
+            if features[j] is not None:
+                try:
+                    feats = ray.get(features[j]).to(self.device, self.dtype)
+                except ray.exceptions.ObjectLostError:
+                    log.warning("frozen features of prompt %s lost with their rollout actor; recomputing",
+                                sub["key"][j])
+            if feats is None:
+                feats = self.model.frozen_features(prompts.rows(j, j + 1))
             one = prompts.rows(j, j + 1).repeat_interleave(ids.shape[0])
-            _, logits = self.model.forward_completions(one, ids_t, mask_t, with_masks=False)
+            _, logits = self.model.forward_completions(one, ids_t, mask_t, with_masks=False,
+                                                       features=feats.repeat_interleave(ids.shape[0]))
             lp = token_logprobs(logits, ids_t, g.temperature) * mask_t
             out.append(lp.float().cpu().numpy())
         return out
@@ -191,9 +212,10 @@ class RolloutPool:
 
         order = sorted(groups)
         args = [(groups[i].completion_ids, groups[i].completion_mask) for i in order]
+        feats = [groups[i].features for i in order]
         for attempt in (0, 1):
             try:
-                lps = ray.get(self.reference.reference_logprobs.remote(clips_ref, order, args))
+                lps = ray.get(self.reference.reference_logprobs.remote(clips_ref, order, args, feats))
                 break
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 if attempt:

@@ -29,6 +29,10 @@ class RolloutGroup:
     gen_time: float = 0.0  # seconds of generate, this group's share of its call
     reward_time: float = 0.0  # seconds of scoring, this group's share
     ref_logprobs: np.ndarray | None = None  # [G, C] float32 under the reference policy (KL only)
+    # ObjectRef of this prompt's FrozenFeatures [1, ...] (CPU, the rollout's dtype), put by the
+    # rollout actor with grpo.learner_features=ship; None (recompute, restored from a checkpoint):
+    # the learner runs the frozen encoders itself
+    features: object = field(default=None, repr=False)
 
     @property
     def num_samples(self) -> int:
