@@ -198,6 +198,11 @@ class ModelConfig:
     trainable_tokens: str = "full"
     # activation checkpointing of the LLM's decoder layers (recompute in backward): real widths
     gradient_checkpointing: bool = False
+    # ZeRO-3 workers (SFT stages, GRPO learner) construct and load the model partitioned
+    # (deepspeed.zero.Init through transformers' HfDeepSpeedConfig): no worker holds the whole model
+    # in host RAM, only rank 0 reads the checkpoint's values. Real checkpoints only (the tiny model is
+    # built from a config, and is small)
+    zero_init: bool = False
 
     def __post_init__(self) -> None:
         _check(self.trainable_tokens in ("full", "new"),
@@ -205,6 +210,11 @@ class ModelConfig:
         _check(self.trainable_tokens == "full" or self.lora.enabled,
                "model.trainable_tokens=new needs model.lora.enabled=true (without LoRA every weight trains)")
         _check(self.encoder_batch >= 1, "model.encoder_batch must be >= 1")
+        _check(not self.zero_init or not self.is_tiny,
+               "model.zero_init needs a real checkpoint (model.llm_path); the tiny model is built from a config")
+        _check(not (self.zero_init and self.lora.enabled and self.trainable_tokens == "full"),
+               "model.zero_init with LoRA needs model.trainable_tokens=new (peft's modules_to_save copies "
+               "the whole embed_tokens/lm_head, which zero.Init has partitioned)")
         _check(self.video_size % 28 == 0, f"model.video_size must be a multiple of 28, got {self.video_size}")
         _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype}")
         _check(self.tiny.hidden_size % self.tiny.num_heads == 0, "model.tiny.hidden_size must divide by num_heads")

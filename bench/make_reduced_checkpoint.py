@@ -116,7 +116,7 @@ def write_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def build(out: Path, size: str, layers: int, sam: str, seed: int = 0) -> dict[str, Path]:
+def build(out: Path, size: str, layers: int, sam: str, seed: int = 0, text_layers: int | None = None) -> dict[str, Path]:
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import (Qwen2_5OmniConfig, Qwen2_5OmniThinkerForConditionalGeneration, SamConfig,
@@ -124,7 +124,7 @@ def build(out: Path, size: str, layers: int, sam: str, seed: int = 0) -> dict[st
 
     out = Path(out)
     full, thinker_dir, sam_dir = out / f"qwen2.5-omni-{size}", out / f"qwen2.5-omni-{size}-thinker", out / f"sam-{sam}"
-    tcfg = thinker_config(size, layers)
+    tcfg = thinker_config(size, layers, text_layers)
     torch.manual_seed(seed)
     t0 = time.time()
     thinker = Qwen2_5OmniThinkerForConditionalGeneration(tcfg).to(torch.bfloat16)
@@ -186,8 +186,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2, help="layers per tower (text, audio, vision, SAM encoder)")
     p.add_argument("--sam", choices=sorted(SAM_VISION), default="vit-b")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-layers", type=int, help="LLM decoder layers (default: --layers)")
     a = p.parse_args()
-    build(Path(a.out), a.size, a.layers, a.sam, a.seed)
+    build(Path(a.out), a.size, a.layers, a.sam, a.seed, a.text_layers)
     return 0
 
 

@@ -66,6 +66,35 @@ def test_thinker_weights_come_from_the_file(reduced, which, prefix):
     assert th.get_input_embeddings().weight.shape == (151936, 2048)
 
 
+def test_zero_init_builds_the_model_partitioned_with_the_files_weights(reduced, tmp_path):
+    """model.zero_init: a ZeRO-3 worker (here a 1-rank gloo group in a fresh process, as in
+    bench/construction_memory.py) builds the full-Omni checkpoint under deepspeed.zero.Init: the
+    frozen weights are partitioned as they are constructed, and a decoder weight gathered from its
+    partitions is the file's."""
+    import sys
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import construction_memory
+
+    _, dirs = reduced
+    out = tmp_path / "rank.json"
+    mp.start_processes(construction_memory.worker, nprocs=1, start_method="spawn",
+                       args=(1, _free_port(), checkpoint_builder().cpu_overrides(dirs, tmp_path / "runs"), True, str(out)))
+    (w,) = json.loads(out.read_text())
+    assert w["weights_loaded"] == 1.0
+    assert w["partitioned_params"] > 0.95 * w["local_params"], w  # all but what peft / token_rows / seg_proj add
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_checkpoint_missing_weights_is_an_error(reduced, tmp_path):
     _, dirs = reduced
     bad = tmp_path / "bad"

@@ -36,6 +36,7 @@ from aurora_core.model.aurora import AuroraModel
 from aurora_core.model.processor import AuroraProcessor
 from aurora_core.model.tokenizer import CHAT_END, MM_TOKENS, build_tiny_tokenizer, load_tokenizer, token_id
 from aurora_core.reasoning import SEG_TOKEN
+from aurora_core.train.zero3 import gathered
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1
@@ -138,6 +139,14 @@ def _load_thinker(path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
     return thinker
 
 
+def _fit_vocabulary(thinker: torch.nn.Module, tok) -> None:
+    """Grow the embedding (and lm_head) when the tokenizer has more tokens than the checkpoint's
+    rows ([SEG] added to a vocabulary without spare rows). Qwen's matrices carry spare rows."""
+    w = thinker.get_input_embeddings().weight
+    if len(tok) > getattr(w, "ds_shape", w.shape)[0]:  # ds_shape: the full shape of a partitioned weight
+        thinker.resize_token_embeddings(len(tok))
+
+
 def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraProcessor]:
     """A fresh model: tiny with seeded random weights, or the local checkpoints in the config."""
     dtype = torch_dtype(m.dtype)
@@ -149,8 +158,7 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
     else:
         tok = load_tokenizer(m.llm_path)
         thinker = _load_thinker(m.llm_path, dtype)
-        if len(tok) > thinker.get_input_embeddings().weight.shape[0]:  # [SEG] was added
-            thinker.resize_token_embeddings(len(tok))
+        _fit_vocabulary(thinker, tok)
     if m.sam_path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(m.tiny.init_seed + 1)
@@ -276,8 +284,7 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
 
         base_dir = path / "base" if (path / "base").is_dir() else m.llm_path
         thinker = _load_thinker(base_dir, tdt)
-        if len(tok) > thinker.get_input_embeddings().weight.shape[0]:
-            thinker.resize_token_embeddings(len(tok))
+        _fit_vocabulary(thinker, tok)
         if trainable:
             _checkpoint_layers(thinker, m)
         llm = PeftModel.from_pretrained(thinker, str(path / "adapter"), is_trainable=trainable)
@@ -293,8 +300,9 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
     model = AuroraModel(llm, sam, proc.seg_id, data.frame_size, m.encoder_batch)
     heads = load_file(str(path / "heads.safetensors"))
     model.seg_proj.load_state_dict({k[len("seg_proj."):]: v for k, v in heads.items() if k.startswith("seg_proj.")})
-    model.sam.mask_decoder.load_state_dict(
-        {k[len("sam.mask_decoder."):]: v for k, v in heads.items() if k.startswith("sam.mask_decoder.")})
+    with gathered(model.sam.mask_decoder.parameters(), modifier_rank=0):  # partitioned under model.zero_init
+        model.sam.mask_decoder.load_state_dict(
+            {k[len("sam.mask_decoder."):]: v for k, v in heads.items() if k.startswith("sam.mask_decoder.")})
     if m.trainable_tokens == "new":
         token_rows.load_row_state(model.thinker, heads, str(path / "heads.safetensors"))
     model.to(tdt)

@@ -30,7 +30,10 @@ class NewTokenRows(nn.Module):
         self.frozen = frozen
         frozen.weight.requires_grad_(False)
         self.register_buffer("ids", torch.tensor(ids, dtype=torch.long), persistent=False)
-        self.rows = nn.Parameter(frozen.weight.detach()[self.ids].clone())
+        from aurora_core.train.zero3 import gathered
+
+        with gathered([frozen.weight]):  # the rows of a matrix zero.Init partitioned (model.zero_init)
+            self.rows = nn.Parameter(frozen.weight.detach()[self.ids].clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.frozen(x)

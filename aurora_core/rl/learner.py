@@ -83,11 +83,13 @@ class LearnerWorker:
         dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{master[0]}:{master[1]}",
                                 rank=self.rank, world_size=self.world)
         torch.manual_seed(self.cfg.run.seed * 100 + self.rank)
-        model, self.proc, _ = load_export(self.init_export, self.cfg.data, trainable=True,
-                                             runtime=self.cfg.model)
-        model.to(self.device)
         opt = zero3.Optimization.for_grpo(g)
-        self.engine, self.scheduler = zero3.initialize(model, zero3.deepspeed_config(g.deepspeed_config, opt, gpu), opt)
+        ds_cfg = zero3.deepspeed_config(g.deepspeed_config, opt, gpu)
+        with zero3.partitioned_build(ds_cfg, self.cfg.model.zero_init):
+            model, self.proc, _ = load_export(self.init_export, self.cfg.data, trainable=True,
+                                                 runtime=self.cfg.model)
+        model.to(self.device)
+        self.engine, self.scheduler = zero3.initialize(model, ds_cfg, opt)
         # GRPO's forwards run without dropout (peft's LoRA dropout included), as the rollout actors
         # do: an on-policy ratio exp(logp - logp_old) is then exactly 1 before the first update, and
         # clipping never fires on noise. The SFT stages keep train mode.

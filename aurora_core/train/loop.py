@@ -129,16 +129,19 @@ def train_worker(config: dict[str, Any]) -> None:
     _seed(cfg.run.seed * 100 + rank)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{spec.stage} rank {rank}] %(message)s", force=True)
 
-    model, proc, _ = initial_model(cfg, spec)
-    model.to(device)
     steps_per_epoch = config["steps_per_epoch"]
     rows_per_epoch = steps_per_epoch * st.batch_size * st.grad_accum * world
     total_steps = st.epochs * steps_per_epoch
     if st.max_steps:
         total_steps = min(total_steps, st.max_steps)
-    log.info("model ready (%s); initialising DeepSpeed ZeRO-3 on %d workers", device, world)
     opt = zero3.Optimization.for_stage(st, total_steps)
-    engine, scheduler = zero3.initialize(model, zero3.deepspeed_config(cfg.train.deepspeed_config, opt, bf16), opt)
+    ds_cfg = zero3.deepspeed_config(cfg.train.deepspeed_config, opt, bf16)
+    with zero3.partitioned_build(ds_cfg, cfg.model.zero_init):
+        model, proc, _ = initial_model(cfg, spec)
+    model.to(device)
+    log.info("model ready (%s, %s); initialising DeepSpeed ZeRO-3 on %d workers", device,
+             "built partitioned" if cfg.model.zero_init else "built whole", world)
+    engine, scheduler = zero3.initialize(model, ds_cfg, opt)
     log.info("engine ready: %d optimizer steps planned (%d per epoch)", total_steps, steps_per_epoch)
     dtype = torch.bfloat16 if bf16 else torch.float32
 

@@ -8,6 +8,7 @@ in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -110,6 +111,41 @@ def initialize(model: torch.nn.Module, ds_cfg: dict[str, Any], opt: Optimization
         model=model, model_parameters=params, config=ds_cfg,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, opt.lr_factor))
     return engine, scheduler
+
+
+@contextlib.contextmanager
+def partitioned_build(ds_cfg: dict[str, Any], enabled: bool):
+    """``model.zero_init``: models built inside the block are constructed and loaded partitioned over
+    the ranks (transformers' ``from_pretrained`` runs ``deepspeed.zero.Init`` and lets rank 0 alone read
+    the checkpoint's values while an ``HfDeepSpeedConfig`` is alive). ``ds_cfg`` must be the config the
+    engine is then initialised with (same precision). Every rank enters it: construction is collective."""
+    if not enabled:
+        yield
+        return
+    import_deepspeed()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_cfg = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference: held here for the block
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_cfg
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """The parameter was partitioned by zero.Init (its local data is an empty placeholder)."""
+    return hasattr(p, "ds_id")
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Full views of the partitioned ones of ``params`` inside the block (``modifier_rank``: that
+    rank's writes are kept and re-partitioned); nothing to do when none is partitioned. Collective
+    when they are: every rank enters it."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    return import_deepspeed().zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
