@@ -104,6 +104,13 @@ class DataConfig:
     rows_per_shard: int = 128
     conversion_workers: int = 2  # processes that read and validate rows in parallel
     lenient: bool = False  # quarantine bad rows instead of stopping at the first one
+    # SAM image embeddings computed once per distinct clip (a Ray Data actor pool, inference.* sizes
+    # it) and stored beside the shards; every stage then reads them instead of running SAM's
+    # encoder (aurora_core.data.feature_cache). Needs model.sam_path. Disk: 2 MiB a frame at 1024 px.
+    cache_frozen_features: bool = False
+    # the cache's directory; default <shards parent>/frozen-features/sam-<fingerprint of SAM and sizes>
+    # (the stages fill it in when they build or check the cache)
+    frozen_features_dir: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,16 @@ class DataConfig:
     @property
     def benchmark(self) -> str:
         return "refavs" if self.subset is None else "avsbench"
+
+    @property
+    def features_dir(self) -> Optional[str]:
+        """The SAM embedding cache the decoders read, None when the option is off."""
+        if not self.cache_frozen_features:
+            return None
+        if self.frozen_features_dir is None:
+            raise RuntimeError("data.cache_frozen_features is on but the cache was not prepared: the stages "
+                               "build it first (aurora_core.stages.require_shards)")
+        return self.frozen_features_dir
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -474,6 +491,9 @@ class AuroraConfig:
                f"grpo.max_new_tokens={g.max_new_tokens} is below model.max_answer_tokens={m.max_answer_tokens}: "
                "rollouts would be cut before 'It is [SEG].' (format 0, empty masks); raise grpo.max_new_tokens "
                "or set grpo.allow_truncation=true for a smoke run")
+        _check(not self.data.cache_frozen_features or m.sam_path is not None,
+               "data.cache_frozen_features needs model.sam_path (a SAM checkpoint on disk): the tiny default's "
+               "SAM is drawn at random per run, so its embeddings cannot be stored for later stages")
         bad = [s for s in self.eval.splits or () if s not in self.data.splits]
         _check(not bad, f"eval.splits {bad} are not splits of the {self.data.benchmark} benchmark "
                         f"({', '.join(self.data.splits)})")

@@ -166,5 +166,6 @@ def overlays(cfg: AuroraConfig, shards_dir: Path, rows: list[dict[str, Any]], sp
         logits = torch.where(pred > 0, 10.0, -10.0)
         tag = f"{r['split']}_iou{r['iou']:.2f}_{r['key']}".replace("#", "-")
         out.append((tag, mask_overlay_png(torch.from_numpy(clips["frames"][i]), logits,
-                                          torch.from_numpy(clips["masks"][i]))))
+                                          torch.from_numpy(clips["masks"][i]), expression=str(clips["exp"][i]),
+                                          answer=r["answer"], iou=float(r["iou"]))))
     return out

@@ -4,7 +4,7 @@ One callable class, :class:`ExportPredictor`, serves three jobs:
 - ``seg_embedding``: the projected [SEG] embedding of the model's direct answer (SFT distillation targets);
 - ``answer``: the model's own answer (greedy or sampled), its parsed class, its masks and their
   per-row metric counts (reflect stage, evaluation).
-Each actor loads the export once (``map_batches(..., concurrency=N)``).
+Each actor loads the export once (``map_batches(..., compute=ActorPoolStrategy(size=N))``).
 """
 
 from __future__ import annotations
@@ -116,13 +116,15 @@ def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[
     """A lazy Ray Dataset of predictions for the rows of ``splits`` (in no particular order: each row
     carries its metadata ``line``). ``score_size``: per-row metrics as the official protocol scores,
     J at ``j_threshold``."""
+    import ray.data
+
     from aurora_core.runtime import init_ray
 
     init_ray(cfg)
     ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size,
                              rows_per_block=batch_size if actors > 1 else None, score_size=score_size)
     return ds.map_batches(
-        ExportPredictor, batch_size=batch_size, concurrency=actors, num_cpus=cpus_per_actor,
+        ExportPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
         fn_constructor_kwargs=dict(export_dir=str(export_dir), cfg=to_dict(cfg), mode=mode,
                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed,

@@ -92,8 +92,24 @@ def prepare(cfg: AuroraConfig) -> None:
     print(f"[{tag}] " + summary.render().replace("\n", f"\n[{tag}] "))
 
 
+_cache_ready: set[tuple[str, str]] = set()  # (cache dir, shard set) checked in this process
+
+
 def require_shards(layout: RunLayout) -> dict[str, Any]:
-    return shards.load_manifest(layout.shards)
+    """The run's shard manifest; with ``data.cache_frozen_features`` also the SAM embedding cache:
+    what it lacks for this shard set embedded, and ``data.frozen_features_dir`` pointed at it (the
+    decoders of every stage and worker read it from the config)."""
+    manifest = shards.load_manifest(layout.shards)
+    d = layout.cfg.data
+    if d.cache_frozen_features and (d.frozen_features_dir, str(layout.shards)) not in _cache_ready:
+        from aurora_core.data import feature_cache
+
+        r = feature_cache.ensure(layout.cfg, layout.shards)
+        d.frozen_features_dir = r.dir
+        _cache_ready.add((r.dir, str(layout.shards)))
+        print(f"[data] SAM embeddings of {r.clips} distinct clips ({r.rows} rows): {r.cached_before} cached, "
+              f"{r.computed} embedded now ({r.bytes_written / 2**20:.0f} MiB, {r.seconds:.0f}s) in {r.dir}")
+    return manifest
 
 
 def require_export(layout: RunLayout, stage: str, builder: str) -> Path:
@@ -145,6 +161,7 @@ def sft(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, An
     if is_export(layout.export("sft")):
         return _supervised(cfg, "sft", "cot", tracker, parent)
     distill = None
+    require_shards(layout)
     if cfg.sft.distill_weight > 0:
         teacher_dir = require_export(layout, "teacher", "teacher")
         distill = layout.stage_dir("sft") / "teacher_seg.parquet"
@@ -234,6 +251,7 @@ def reflect(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str
     if is_export(layout.export("reflect")):
         return _supervised(cfg, "reflect", "cot", tracker, parent)
     sft_dir = require_export(layout, "sft", "sft")
+    require_shards(layout)
     counts_file = layout.stage_dir("reflect") / "reflect_counts.json"
     if shards.manifest_exists(layout.stage_dir("reflect") / "shards") and counts_file.is_file():
         counts = _json.loads(counts_file.read_text())

@@ -148,23 +148,67 @@ class RunLogger:
             self.client.set_tag(self.run_id, key, value)
 
 
-def mask_overlay_png(frames, pred_logits, gt, max_frames: int = 5, threshold: float = 0.4) -> bytes:
-    """A picture of a clip: frames with the predicted mask in red (top row), ground truth in green (bottom).
+OVERLAY_FRAME_PX = 256  # each frame of an overlay is upscaled to this side (the tiny default's are 64 px)
+PRED_RGB, GT_RGB = (255, 0, 255), (0, 255, 0)  # magenta and green: rare in the frames
+
+
+def mask_overlay_png(frames, pred_logits, gt, *, expression: str = "", answer: str = "", iou: float | None = None,
+                     max_frames: int = 5, threshold: float = 0.4, frame_px: int = OVERLAY_FRAME_PX) -> bytes:
+    """A picture of a clip for MLflow: up to ``max_frames`` frames side by side, each upscaled to
+    ``frame_px``, the predicted mask filled in magenta, the ground truth outlined in green, under a
+    caption with the expression, the answer and the clip's IoU, and a legend.
 
     frames uint8 [T, 3, S, S]; pred_logits float [T, S, S]; gt {0,1} [T, S, S].
     """
+    import textwrap
+
     import torch
-    from torchvision.io import encode_png
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw, ImageFont
 
     t = frames.shape[0]
     idx = torch.linspace(0, t - 1, min(max_frames, t)).round().long()
-    f = frames[idx].float()
-    pred = (torch.sigmoid(pred_logits[idx].float()) > threshold).float()[:, None]
-    g = gt[idx].float()[:, None]
-    red = torch.tensor([255.0, 0, 0]).view(1, 3, 1, 1)
-    green = torch.tensor([0, 255.0, 0]).view(1, 3, 1, 1)
-    top = f * (1 - 0.5 * pred) + red * 0.5 * pred
-    bottom = f * (1 - 0.5 * g) + green * 0.5 * g
-    grid = torch.cat([torch.cat(list(top), dim=2), torch.cat(list(bottom), dim=2)], dim=1)
-    buf = encode_png(grid.clamp(0, 255).to(torch.uint8))
-    return io.BytesIO(buf.numpy().tobytes()).getvalue()
+    size = (frame_px, frame_px)
+    f = F.interpolate(frames[idx].float(), size=size, mode="bilinear", align_corners=False)
+    pred = F.interpolate((torch.sigmoid(pred_logits[idx].float()) > threshold).float()[:, None], size=size)
+    g = F.interpolate(gt[idx].float()[:, None], size=size)  # nearest: masks stay binary
+    k = max(3, frame_px // 64 * 2 + 1)  # outline width ~ frame_px / 64 px on each side of the edge
+    def outline(m: torch.Tensor, width: int) -> torch.Tensor:  # dilated minus eroded
+        return (F.max_pool2d(m, width, 1, width // 2) + F.max_pool2d(-m, width, 1, width // 2)).clamp(0, 1)
+
+    p_rgb, g_rgb = (torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1) for c in (PRED_RGB, GT_RGB))
+    img = f * (1 - 0.5 * pred) + p_rgb * 0.5 * pred
+    p_edge = outline(pred, 3)
+    img = img * (1 - p_edge) + p_rgb * p_edge
+    edge = outline(g, k)
+    img = img * (1 - edge) + g_rgb * edge
+    strip = torch.cat(list(img), dim=2).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+    font = ImageFont.load_default(size=max(12, frame_px // 16))
+    line_h = int(font.size * 1.35)
+    width = strip.shape[1]
+    chars = max(20, int(width / (font.size * 0.55)))
+    lines = (textwrap.wrap(f"expression: {expression or '-'}", chars)
+             + textwrap.wrap(f"answer: {answer or '-'}", chars, max_lines=4, placeholder=" ...")
+             + [f"IoU (J) {iou:.3f}" if iou is not None else "IoU (J) -"])
+    band = line_h * (len(lines) + 1) + 8
+    canvas = Image.new("RGB", (width, band + frame_px), "white")
+    canvas.paste(Image.fromarray(strip), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((6, 4 + i * line_h), line, fill="black", font=font)
+    y, x = 4 + len(lines) * line_h, 6  # legend
+    s = font.size
+    draw.rectangle([x, y, x + s, y + s], fill=PRED_RGB)
+    x += s + 6
+    draw.text((x, y), "prediction", fill="black", font=font)
+    x += int(draw.textlength("prediction", font=font)) + 18
+    draw.rectangle([x, y, x + s, y + s], outline=GT_RGB, width=3)
+    x += s + 6
+    draw.text((x, y), "ground truth", fill="black", font=font)
+    for j, fr in enumerate(idx.tolist()):
+        draw.text((j * frame_px + 4, band + 2), f"frame {fr}", fill="white", font=font, stroke_width=2,
+                  stroke_fill="black")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

@@ -170,7 +170,7 @@ def cpu_overrides(dirs: dict[str, Path], root: Path) -> list[str]:
         "teacher.batch_size=1", "teacher.grad_accum=1", "teacher.max_steps=1", "teacher.warmup_steps=0",
         "teacher.val_rows=1",
         "inference.gpus_per_actor=0", "inference.actors=1", "inference.batch_size=1", "inference.max_new_tokens=32",
-        "inference.cpus_per_actor=1",
+        "inference.cpus_per_actor=2",  # also the SAM embedding cache's actor (one thread per CPU)
         "grpo.use_gpu=false", "grpo.gpus_per_actor=0", "grpo.steps=1", "grpo.prompts_per_step=1", "grpo.num_samples=2",
         "grpo.rollout_actors=1", "grpo.learner_workers=1", "grpo.learner_cpus=1", "grpo.cpus_per_actor=1",
         "grpo.micro_batch=2", "grpo.max_new_tokens=32", "grpo.checkpoint_every=1", "grpo.warmup_steps=0",

@@ -72,8 +72,9 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | Non
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
 
 
-def decoded_rows(shards_dir, split: str, n: int, data_cfg):
-    """The first n rows of a split, decoded like the Ray Data pipeline does (no Ray needed)."""
+def decoded_rows(shards_dir, split: str, n: int, data_cfg, features_dir: str | None = None):
+    """The first n rows of a split, decoded like the Ray Data pipeline does (no Ray needed);
+    ``features_dir``: with the SAM embeddings of that cache (data.cache_frozen_features)."""
     import pyarrow.parquet as pq
 
     from aurora_core.data import shards
@@ -81,4 +82,5 @@ def decoded_rows(shards_dir, split: str, n: int, data_cfg):
     table = pq.read_table(shards.split_files(shards_dir, [split])).slice(0, n)
     raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     return shards.collate(shards.decode_batch(raw, data_cfg.frame_size, data_cfg.num_frames,
-                                              data_cfg.sample_rate, data_cfg.audio_seconds))
+                                              data_cfg.sample_rate, data_cfg.audio_seconds,
+                                              features_dir=features_dir))

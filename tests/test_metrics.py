@@ -399,3 +399,35 @@ def test_j_by_expression_kind():
     got = by_kind(rows, accs)
     assert got == {"position": {"J": pytest.approx(0.0), "rows": 1},
                    "sound": {"J": pytest.approx((1 + 0.5) / 2), "rows": 2}}  # rows without a kind: left out
+
+
+def test_mask_overlay_is_upscaled_filled_outlined_and_captioned():
+    """The MLflow overlay: frames at 256 px side by side, the prediction filled (magenta), the ground
+    truth outlined (green), a caption band with expression, answer, IoU and legend above them."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from aurora_core.tracking import GT_RGB, OVERLAY_FRAME_PX, mask_overlay_png
+
+    t, s = 10, 64
+    frames = torch.full((t, 3, s, s), 90, dtype=torch.uint8)
+    gt = torch.zeros(t, s, s, dtype=torch.uint8)
+    gt[:, 20:40, 20:40] = 1
+    pred = torch.full((t, s, s), -10.0)
+    pred[:, 0:10, 0:10] = 10.0
+    png = mask_overlay_png(frames, pred, gt, expression="the horn", answer="The target is horn. It is [SEG].",
+                           iou=0.25)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    px = OVERLAY_FRAME_PX
+    band = img.shape[0] - px
+    assert img.shape[1] == 5 * px and band > 40  # 5 of the 10 frames, each 256 px, under the caption
+    assert (img[:band] < 100).any() and (img[:band] == 255).all(axis=2).mean() > 0.5  # dark text on white
+    frame = img[band:, :px]
+    scale = px // s
+    inside_pred, inside_gt = frame[5 * scale, 5 * scale], frame[30 * scale, 30 * scale]
+    gt_edge = frame[20 * scale, 30 * scale]
+    assert inside_pred[1] < 60 and inside_pred[0] > 150 and inside_pred[2] > 150  # magenta fill
+    assert (inside_gt == 90).all()  # the ground truth is outlined, not filled
+    assert tuple(gt_edge) == GT_RGB

@@ -3,7 +3,7 @@ the thinker loads from the full-Omni directory (no talker, no speaker table) and
 one, with every weight taken from the file; the checkpoints' processor settings are read; and on the
 3B-width checkpoint with the real-model config (frames 256, video 224, SAM 1024, 10 frames, 10 s of
 audio, the whole 151,936-token vocabulary) inspect_model, a ZeRO-3 SFT step on 2 CPU workers, a GRPO
-step and an evaluation batch run."""
+step and an evaluation batch run, reading SAM's embeddings from the feature cache."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import importlib.util
 import json
 import re
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from aurora_core.model.build import _load_thinker
@@ -148,10 +151,14 @@ def real_cfg(dirs, root):
 @pytest.fixture(scope="module")
 def real_run(reduced, tmp_path_factory):
     from aurora_core import stages
+    from aurora_core.config import load_config
 
     _, dirs = reduced
     root = tmp_path_factory.mktemp("reduced-run")
-    cfg = real_cfg(dirs, root)
+    # the stages read SAM's embeddings from the cache (built once, before the first stage): SAM's
+    # 1024-px pixels are then never made, so an encoder call anywhere would raise
+    cfg = load_config(ROOT / "configs" / "qwen2.5-omni-7b.yaml",
+                      real_overrides(dirs, root) + ["data.cache_frozen_features=true"])
     stages.prepare(cfg)
     return dirs, root, cfg
 
@@ -179,6 +186,10 @@ def test_sft_grpo_and_eval_steps_on_the_reduced_checkpoint(ray_session, real_run
     dirs, root, cfg = real_run
     tracker = stages.tracker_for(cfg)
     t = stages.teacher(cfg, tracker, None)
+    cache = Path(cfg.data.frozen_features_dir)
+    assert cache.parent == root / "reduced" / "data" / "frozen-features"
+    emb = load_file(str(next(cache.glob("*/*.safetensors"))))["image_embeddings"]
+    assert emb.shape == (10, 256, 64, 64) and emb.dtype == np.float16  # SAM ViT-B at 1024 px, 2 MiB a frame
     print(f"teacher step: {t['seconds']:.0f}s, peak RSS of the fullest worker {t['mem/peak_rss_mb']:.0f} MiB")
     assert t["train/loss"] > 0 and t["mem/peak_rss_mb"] < 12 * 1024
     teacher = stages.RunLayout(cfg).export("teacher")

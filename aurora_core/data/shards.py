@@ -288,16 +288,27 @@ def split_files(shards: Path, splits: Iterable[str]) -> list[str]:
     return files
 
 
+def decode_frames(images: list[bytes], size: int):
+    """A row's frames as stored (JPEG for Ref-AVS, PNG for AVSBench) -> uint8 [T, 3, size, size] RGB."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+
+    imgs = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB) for b in images]
+    return TF.resize(torch.stack(imgs), [size, size], antialias=True)
+
+
 def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int, sample_rate: int,
-                 audio_seconds: float, score_size: int = 0) -> dict[str, np.ndarray]:
+                 audio_seconds: float, score_size: int = 0, features_dir: str | None = None) -> dict[str, np.ndarray]:
     """Shard rows -> fixed-shape arrays: frames uint8 [B,T,3,S,S], masks uint8 [B,T,S,S] (0/1),
     gt_frames bool [B,T] (the frame has a ground-truth mask; an empty mask stands in where not),
     audio float32 [B,L] at ``sample_rate`` padded/cut to ``audio_seconds``; with ``score_size`` also
     score_masks uint8 [B,T,Z,Z] (0/1): the ground truth as the official Ref-AVS loader prepares it
-    for scoring (:func:`aurora_core.metrics.official_gt_resize`)."""
+    for scoring (:func:`aurora_core.metrics.official_gt_resize`); with ``features_dir`` (the SAM
+    embedding cache, ``data.features_dir``) also sam_embeddings float16 [B,T,D,e,e]."""
     import soundfile as sf
     import torch
-    from torchvision.io import ImageReadMode, decode_image, decode_png
+    from torchvision.io import decode_png
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
@@ -313,10 +324,8 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
         if len(jpgs) != num_frames or len(pngs) != num_frames:
             raise ValueError(f"row {batch['uid'][i]}: {len(jpgs)} frames / {len(pngs)} masks, "
                              f"expected data.num_frames={num_frames}")
-        imgs = [decode_image(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                for b in jpgs]  # JPEG (Ref-AVS) or PNG (AVSBench)
         gt_frames[i] = batch["gt_frames"][i]
-        frames[i] = TF.resize(torch.stack(imgs), [S, S], antialias=True).numpy()
+        frames[i] = decode_frames(jpgs, S).numpy()
         ms = torch.stack([decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in pngs])
         ms = TF.resize(ms, [S, S], interpolation=InterpolationMode.NEAREST)
         masks[i] = (ms[:, 0] > 0).numpy()
@@ -334,6 +343,10 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
                frames=frames, masks=masks, gt_frames=gt_frames, audio=audio)
     if score_masks is not None:
         out["score_masks"] = score_masks
+    if features_dir is not None:
+        from aurora_core.data import feature_cache
+
+        out["sam_embeddings"] = feature_cache.read(features_dir, batch["frames"], batch["key"])
     if "epoch" in batch:  # added by the training pipeline (aurora_core.train.epochs)
         out["epoch"] = np.asarray(batch["epoch"])
     return out
@@ -355,7 +368,7 @@ def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch
     return ds.map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy",
         fn_kwargs=dict(frame_size=data.frame_size, num_frames=data.num_frames, sample_rate=data.sample_rate,
-                       audio_seconds=data.audio_seconds, score_size=score_size))
+                       audio_seconds=data.audio_seconds, score_size=score_size, features_dir=data.features_dir))
 
 
 def split_keys(shards_dir: Path, split: str) -> list[str]:
@@ -370,7 +383,8 @@ def rows_by_key(shards: Path, keys: list[str], splits: list[str], data: DataConf
 
     table = pads.dataset(split_files(shards, splits), format="parquet").to_table(filter=pads.field("key").isin(keys))
     raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    dec = decode_batch(raw, data.frame_size, data.num_frames, data.sample_rate, data.audio_seconds)
+    dec = decode_batch(raw, data.frame_size, data.num_frames, data.sample_rate, data.audio_seconds,
+                       features_dir=data.features_dir)
     order = {u: i for i, u in enumerate(dec["key"])}
     missing = [u for u in keys if u not in order]
     if missing:

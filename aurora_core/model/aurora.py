@@ -141,7 +141,8 @@ class AuroraModel(nn.Module):
         has_seg, pos = _last_index(is_seg)  # the answer's (last) [SEG]
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         seg = self.seg_proj(h) * has_seg[:, None].to(h.dtype)
-        emb = None if features is None else features.image_embeddings.flatten(0, 1)
+        emb = features.image_embeddings if features is not None else inputs.sam_image_embeddings
+        emb = None if emb is None else emb.flatten(0, 1).to(self.seg_proj[0].weight.dtype)
         masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg, emb) if with_masks else None
         return AuroraOutput(logits, seg, has_seg, masks, logits_from)
 
@@ -166,9 +167,10 @@ class AuroraModel(nn.Module):
 
     @torch.no_grad()
     def frozen_features(self, inputs: ModelInputs) -> FrozenFeatures:
-        """The audio tower, the vision tower and the SAM image encoder on each clip of ``inputs`` once,
-        without activations kept (they are frozen), in chunks of at most ``encoder_batch`` frames
-        (at least one clip) so memory does not grow with the batch."""
+        """The audio tower, the vision tower and the SAM image encoder (or the cached embeddings the
+        batch carries) on each clip of ``inputs`` once, without activations kept (they are frozen),
+        in chunks of at most ``encoder_batch`` frames (at least one clip) so memory does not grow
+        with the batch."""
         b, t = inputs.sam_pixel_values.shape[:2]
         per = max(1, self.encoder_batch // t)
         th = self.thinker.model
@@ -179,12 +181,18 @@ class AuroraModel(nn.Module):
             audio.append(a.reshape(part.batch_size, -1, a.shape[-1]))  # equal lengths: fixed-length clips
             v = th.get_video_features(part.pixel_values_videos, part.video_grid_thw).pooler_output
             video.append(torch.stack(list(v)))
-        emb = self.image_embeddings(inputs.sam_pixel_values)
-        return FrozenFeatures(torch.cat(audio), torch.cat(video), emb.unflatten(0, (b, t)))
+        emb = inputs.sam_image_embeddings  # read from the cache (data.cache_frozen_features), stored in fp16
+        if emb is None:
+            emb = self.image_embeddings(inputs.sam_pixel_values).unflatten(0, (b, t))
+        emb = emb.to(self.seg_proj[0].weight.dtype)
+        return FrozenFeatures(torch.cat(audio), torch.cat(video), emb)
 
     def image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, s, s] -> [B*T, D, e, e], ``encoder_batch`` frames per encoder call."""
         frames = sam_pixel_values.flatten(0, 1)
+        if frames.dim() != 4:
+            raise ValueError(f"SAM pixels of shape {tuple(sam_pixel_values.shape)}: a batch read from the SAM "
+                             "embedding cache carries sam_image_embeddings instead; pass them on")
         with torch.no_grad():  # frozen encoder: no activations kept for backward
             return torch.cat([self.sam.vision_encoder(frames[i:i + self.encoder_batch]).last_hidden_state
                               for i in range(0, frames.shape[0], self.encoder_batch)])

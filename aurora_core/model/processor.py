@@ -78,9 +78,11 @@ class ModelInputs:
     pixel_values_videos: torch.Tensor  # [B * patches_per_video, C*2*14*14] (per-video blocks)
     video_grid_thw: torch.Tensor  # [B, 3]
     video_second_per_grid: torch.Tensor  # [B]
-    sam_pixel_values: torch.Tensor  # [B, T, 3, s, s]
+    sam_pixel_values: torch.Tensor  # [B, T, 3, s, s]; [B, T, 0] when sam_image_embeddings are given
     labels: torch.Tensor | None = None  # [B, L], IGNORE_INDEX outside the answer
     prompt_length: int = 0  # for left-padded prompt batches: the answer starts here
+    # [B, T, D, e, e] SAM image-encoder output read from the cache (data.cache_frozen_features), or None
+    sam_image_embeddings: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -138,7 +140,7 @@ class AuroraProcessor:
                                            image_std=list(pre.image_std))
         self.audio = WhisperFeatureExtractor(feature_size=FIXED["feature_size"], sampling_rate=WHISPER_SAMPLE_RATE,
                                              hop_length=model.audio_hop_length, n_fft=pre.n_fft)
-        self.sam = _sam_processor(model)
+        self.sam = sam_processor(model)
         self.second_per_grid = TEMPORAL_PATCH / model.video_fps
         # the vision tower groups frames in pairs: an odd count (AVSBench's 5) gets its last frame
         # repeated (as Qwen2VLVideoProcessor pads a short temporal patch); SAM still sees each frame once
@@ -186,11 +188,13 @@ class AuroraProcessor:
         a = self.audio([x.numpy() if isinstance(x, torch.Tensor) else x for x in batch["audio"]],
                        sampling_rate=WHISPER_SAMPLE_RATE, return_attention_mask=True, padding="longest",
                        return_tensors="pt")
+        media = dict(input_features=a["input_features"], feature_attention_mask=a["attention_mask"],
+                     pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"],
+                     video_second_per_grid=torch.full((b,), self.second_per_grid))
+        if "sam_embeddings" in batch:  # cached: SAM's 1024-px pixels are neither made nor encoded
+            return dict(media, sam_pixel_values=torch.empty(b, t, 0), sam_image_embeddings=batch["sam_embeddings"])
         sam = self.sam(images=list(frames.flatten(0, 1)), return_tensors="pt")["pixel_values"]
-        return dict(input_features=a["input_features"], feature_attention_mask=a["attention_mask"],
-                    pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"],
-                    video_second_per_grid=torch.full((b,), self.second_per_grid),
-                    sam_pixel_values=sam.reshape(b, t, *sam.shape[1:]))
+        return dict(media, sam_pixel_values=sam.reshape(b, t, *sam.shape[1:]))
 
     def prompt_batch(self, batch: dict[str, Any]) -> ModelInputs:
         """Left-padded prompts, for generation (the completion starts at column prompt_length)."""
@@ -214,7 +218,7 @@ class AuroraProcessor:
         return ModelInputs(input_ids=ids, attention_mask=att, labels=lab, **self._media(batch))
 
 
-def _sam_processor(m: ModelConfig) -> SamImageProcessor:
+def sam_processor(m: ModelConfig) -> SamImageProcessor:
     """SAM's processor: the checkpoint's own (its mean/std, resize and pad) when it ships one, which
     must agree with ``model.sam_image_size``; built from that size for the tiny default."""
     s = m.sam_image_size

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 CLIP_KEYS = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "gt_frames",
              "audio")
+CACHED_KEYS = ("sam_embeddings",)  # decoded only with data.cache_frozen_features
+
+
+def clip_columns(batch: dict[str, np.ndarray]) -> list[str]:
+    return [*CLIP_KEYS, *(k for k in CACHED_KEYS if k in batch)]
 
 
 @dataclass
@@ -77,7 +82,7 @@ class PromptStream:
                                          local_shuffle_seed=self.cfg.run.seed * 1000 + epoch):
                 for i in range(len(batch["key"])):
                     any_row = True
-                    yield epoch, {k: batch[k][i] for k in CLIP_KEYS}
+                    yield epoch, {k: batch[k][i] for k in clip_columns(batch)}
             if not any_row and not skip:
                 raise RuntimeError(f"the train split of {self.shards_dir} is empty")
             epoch, skip = epoch + 1, []
@@ -249,7 +254,7 @@ def load_checkpoint(cfg: AuroraConfig, path: Path, learner, state: DriverState, 
     groups = [RolloutGroup.restore(info, {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")})
               for i, info in enumerate(q["groups"])]
     rows = shards.rows_by_key(shards_dir, q["keys"], ["train"], cfg.data)
-    clips = {k: rows[k] for k in CLIP_KEYS}
+    clips = {k: rows[k] for k in clip_columns(rows)}
     return StepBatch(clips, groups, q["drawn"], q["zero_var"], q["gen_time"], q["gen_tokens"])
 
 

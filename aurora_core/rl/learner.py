@@ -25,7 +25,7 @@ from aurora_core import losses, memory
 from aurora_core.model.aurora import FrozenFeatures, token_logprobs
 from aurora_core.model.processor import ModelInputs
 from aurora_core.rl import grpo
-from aurora_core.rl.trajectory import RolloutGroup
+from aurora_core.rl.trajectory import RolloutGroup, shipped_features
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +158,10 @@ class LearnerWorker:
         from a checkpoint), every rank recomputes all of its own, since under ZeRO-3 each encoder forward
         gathers parameters from all ranks and every rank must make the same calls. Returns the features
         and the prompts recomputed over all ranks."""
-        import ray
         import torch.distributed as dist
 
-        shipped = None
-        refs = [grp.features for grp in groups]
-        if all(ref is not None for ref in refs):
-            try:
-                shipped = FrozenFeatures.cat(ray.get(refs)).to(self.device, self.dtype)
-            except ray.exceptions.ObjectLostError as e:  # its owner (a rollout actor) died
-                log.warning("learner rank %d: shipped frozen features lost (%s); recomputing them", self.rank,
-                            type(e).__name__)
+        shipped = shipped_features([grp.features for grp in groups], self.device, self.dtype,
+                                   f"learner rank {self.rank}")
         missing = torch.tensor([0.0 if shipped is not None else 1.0], dtype=torch.float64)
         dist.all_reduce(missing, op=dist.ReduceOp.MAX)
         if not missing.item():

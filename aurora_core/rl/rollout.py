@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from aurora_core.model.aurora import token_logprobs
-from aurora_core.rl.trajectory import RolloutGroup
+from aurora_core.rl.trajectory import RolloutGroup, shipped_features
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,7 @@ class RolloutWorker:
         holds the export GRPO started from: the KL reference. ``features``: per prompt, the ObjectRef
         of the frozen features a rollout actor shipped, or None; computed here (once per prompt) when
         absent or lost."""
-        import ray
-
         from aurora_core.data.shards import collate
-        from aurora_core.model.aurora import FrozenFeatures
 
         g = self.cfg.grpo
         sub = collate({k: v[indices] for k, v in clips.items()})
@@ -155,13 +152,7 @@ class RolloutWorker:
         for j, (ids, mask) in enumerate(completions):
             ids_t = torch.from_numpy(ids).long().to(self.device)
             mask_t = torch.from_numpy(mask).long().to(self.device)
-            feats: FrozenFeatures | None = None
-            if features[j] is not None:
-                try:
-                    feats = ray.get(features[j]).to(self.device, self.dtype)
-                except ray.exceptions.ObjectLostError:
-                    log.warning("frozen features of prompt %s lost with their rollout actor; recomputing",
-                                sub["key"][j])
+            feats = shipped_features([features[j]], self.device, self.dtype, f"KL reference, prompt {sub['key'][j]}")
             if feats is None:
                 feats = self.model.frozen_features(prompts.rows(j, j + 1))
             one = prompts.rows(j, j + 1).repeat_interleave(ids.shape[0])

@@ -5,9 +5,12 @@ collects them into a :class:`StepBatch`, the learner reads both.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,3 +78,20 @@ class StepBatch:
     clips_ref: object = field(default=None, repr=False)  # the clips in the object store, if already put
     fetch_time: float = 0.0  # seconds taking its prompts from the stream (what prefetch did not cover)
     put_time: float = 0.0  # seconds putting its clips into the object store
+
+
+def shipped_features(refs: list, device, dtype, who: str):
+    """The FrozenFeatures the rollout actors shipped (``RolloutGroup.features``, one ObjectRef per
+    prompt) concatenated on ``device``, or None when any is absent or was lost with the actor that
+    owned it: the caller then runs the frozen encoders itself."""
+    import ray
+
+    from aurora_core.model.aurora import FrozenFeatures
+
+    if not refs or any(r is None for r in refs):
+        return None
+    try:
+        return FrozenFeatures.cat(ray.get(list(refs))).to(device, dtype)
+    except ray.exceptions.ObjectLostError as e:  # its owner (a rollout actor) died
+        log.warning("%s: shipped frozen features lost (%s); recomputing them", who, type(e).__name__)
+        return None

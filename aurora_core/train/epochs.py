@@ -82,7 +82,7 @@ def epoch_pipeline(files: list[str], data: DataConfig, epoch: int, seed: int, dr
     return ds.map_batches(
         shards.decode_batch, batch_size=batch_size, batch_format="numpy",
         fn_kwargs=dict(frame_size=data.frame_size, num_frames=data.num_frames, sample_rate=data.sample_rate,
-                       audio_seconds=data.audio_seconds))
+                       audio_seconds=data.audio_seconds, features_dir=data.features_dir))
 
 
 def train_datasets(files: list[str], keys: list[str], data: DataConfig, *, epochs: int, multiple: int, seed: int,

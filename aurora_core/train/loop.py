@@ -27,7 +27,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from aurora_core import losses, memory, reasoning
 from aurora_core.config import AuroraConfig, StageConfig, config_from_dict, to_dict
 from aurora_core.data import shards
-from aurora_core.metrics import SplitMetrics
+from aurora_core.metrics import SplitMetrics, mask_iou
 from aurora_core.train import checkpoint as ckpt_io
 from aurora_core.train import zero3
 from aurora_core.train.epochs import train_datasets, val_dataset, write_resume_file
@@ -192,7 +192,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 batch_size=st.batch_size, collate_fn=TorchCollate()):
             if cap is not None and sums[4] >= cap:
                 continue  # keep consuming: every rank must see its whole share
-            inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
+            answers = targets(spec, batch)
+            inp = proc.train_batch(batch, answers).to(device, dtype)
             with torch.no_grad():
                 out = engine(inp)
                 t = loss_terms(out, inp, batch["masks"].to(device), st, None, batch["gt_frames"])
@@ -203,8 +204,10 @@ def train_worker(config: dict[str, Any]) -> None:
             acc.update(out.mask_logits.flatten(0, 1).float().cpu()[valid], batch["masks"].flatten(0, 1)[valid])
             if rank == 0 and len(overlays) < cfg.train.overlay_clips:
                 for i in range(min(n, cfg.train.overlay_clips - len(overlays))):
-                    overlays.append((batch["key"][i], mask_overlay_png(batch["frames"][i], out.mask_logits[i].cpu(),
-                                                                      batch["masks"][i])))
+                    pred = out.mask_logits[i].float().cpu()
+                    overlays.append((batch["key"][i], mask_overlay_png(
+                        batch["frames"][i], pred, batch["masks"][i], expression=batch["exp"][i],
+                        answer=f"(teacher-forced target) {answers[i]}", iou=mask_iou(pred, batch["masks"][i]))))
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, (sums, acc))
         total = sum(p[0] for p in parts)
@@ -229,7 +232,8 @@ def train_worker(config: dict[str, Any]) -> None:
         log.info("training from step %d to %d", state.global_step, total_steps)
         for batch in _epochs_of_batches(st, state.epochs_done, cfg.run.seed, rank):
             t_data += time.time() - t_wait
-            inp = proc.train_batch(batch, targets(spec, batch)).to(device, dtype)
+            answers = targets(spec, batch)
+            inp = proc.train_batch(batch, answers).to(device, dtype)
             tt = None
             if teacher is not None:
                 missing = [k for k in batch["key"] if k not in teacher]
