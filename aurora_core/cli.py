@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from aurora_core.config import DEFAULT_CONFIG, REPO_ROOT, AuroraConfig, ConfigError, load_config
 
 
-def setup_logging() -> None:
-    level = os.environ.get("AURORA_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+def setup_logging(cfg: AuroraConfig | None = None) -> None:
+    """The driver's logging (aurora_core.logs): our records on the console, everything from INFO up
+    in ``<run>/logs/driver.log`` once the config, hence the run directory, is known."""
+    from aurora_core import logs
+
+    path = logs.setup(cfg.run.dir if cfg is not None else None, "driver")
+    if path is not None:
+        print(f"logs: {path} (the driver), {path.parent}/*.log (the workers)", flush=True)
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
@@ -39,8 +41,8 @@ def stage_main(doc: str, stage: str) -> int:
     from aurora_core import stages
 
     args = arg_parser(doc).parse_args()
-    setup_logging()
     cfg = config_from_args(args)
+    setup_logging(cfg)
     tracker = stages.tracker_for(cfg)
     parent = tracker.parent(stage, stages.params_of(cfg))
     try:

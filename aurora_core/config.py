@@ -254,7 +254,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
     num_to_keep: int = 2
     max_failures: int = 1  # worker-group restarts from the last checkpoint (Ray FailureConfig)
-    log_every_steps: int = 1
+    log_every_steps: int = 1  # MLflow metrics every N optimizer steps
+    print_every_steps: int = 0  # a console line every N optimizer steps too (0: one line per epoch)
     sample_log: bool = True  # record the row keys of every step (audits exactly-once resumption)
     overlay_clips: int = 2  # validation clips drawn as mask overlays into MLflow each epoch
 

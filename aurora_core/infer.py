@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from aurora_core import reasoning
+from aurora_core import logs, reasoning
 from aurora_core.config import AuroraConfig, config_from_dict, to_dict
 from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics, mask_iou, score_logits
@@ -35,6 +35,7 @@ class ExportPredictor:
         from aurora_core.model.build import load_export
 
         self.cfg = config_from_dict(cfg)
+        logs.setup(self.cfg.run.dir, "inference", console_level="WARNING")
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
+from aurora_core import logs
 from aurora_core.config import REPO_ROOT, AuroraConfig
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ WORKER_ENV = {
 
 
 def worker_env(cfg: AuroraConfig) -> dict[str, str]:
-    env = dict(WORKER_ENV)
+    env = {**WORKER_ENV, **logs.ray_data_env(sys.stderr.isatty())}
     for k in ("MLFLOW_TRACKING_URI", "AURORA_LOG_LEVEL"):
         if os.environ.get(k):
             env[k] = os.environ[k]
@@ -35,6 +37,7 @@ def init_ray(cfg: AuroraConfig):
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = worker_env(cfg)
+    _quiet_ray_data_here(env)
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     if address:
         log.info("joining the Ray cluster at %s", address)
@@ -50,3 +53,12 @@ def init_ray(cfg: AuroraConfig):
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {**env, "PYTHONPATH": pythonpath}}, **kw)
     return ray
+
+
+def _quiet_ray_data_here(env: dict[str, str]) -> None:
+    """The driver's own Ray Data (it runs the executions the stages iterate over), as the workers'."""
+    import ray.data
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_DATA_")})
+    ray.data.DataContext.get_current().enable_progress_bars = env.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    logging.getLogger("ray.data").setLevel(env["RAY_DATA_LOG_LEVEL"])

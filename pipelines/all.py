@@ -70,8 +70,8 @@ def unreferenced_title(cfg, subsets: list[str]) -> str:
 
 def main() -> int:
     args = cli.arg_parser(__doc__).parse_args()
-    cli.setup_logging()
     cfg = cli.config_from_args(args)
+    cli.setup_logging(cfg)
     t0 = time.time()
     out = run_all(cfg)
     if cfg.data.subset is None:

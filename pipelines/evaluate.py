@@ -26,11 +26,11 @@ def main() -> int:
                    help="avsbench: zero-shot on an AVSBench subset (--subset)")
     p.add_argument("--subset", choices=["s4", "ms3"], help="the AVSBench subset (with --benchmark avsbench)")
     args = p.parse_args()
-    cli.setup_logging()
     if (args.benchmark == "avsbench") != (args.subset is not None):
         print("error: --benchmark avsbench and --subset s4|ms3 go together", file=sys.stderr)
         return 2
     cfg = cli.config_from_args(args)
+    cli.setup_logging(cfg)
     tracker = stages.tracker_for(cfg)
     parent = tracker.parent("evaluate", stages.params_of(cfg))
     try:

@@ -17,8 +17,8 @@ def main() -> int:
     p = cli.arg_parser(__doc__)
     p.add_argument("--init", help="export directory to start from (default: the run's stage-2 export)")
     args = p.parse_args()
-    cli.setup_logging()
     cfg = cli.config_from_args(args)
+    cli.setup_logging(cfg)
     tracker = stages.tracker_for(cfg)
     try:
         parent = tracker.parent("grpo", stages.params_of(cfg))

@@ -21,8 +21,8 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=2, help="validation rows to run")
     p.add_argument("--samples", type=int, default=2, help="samples per prompt for generate_with_masks")
     args = p.parse_args()
-    cli.setup_logging()
     cfg = cli.config_from_args(args)
+    cli.setup_logging(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     t = time.time()

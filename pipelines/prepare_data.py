@@ -26,7 +26,6 @@ def main() -> int:
     p.add_argument("--subset", choices=["s4", "ms3"], help="an AVSBench subset (overrides data.subset)")
     p.add_argument("--lenient", action="store_true", help="quarantine bad rows instead of stopping")
     args = p.parse_args()
-    cli.setup_logging()
     overrides = list(args.overrides)
     overrides += [f"data.source={args.source}"] if args.source else []
     overrides += [f"data.root={args.root}"] if args.root else []
@@ -35,6 +34,7 @@ def main() -> int:
     overrides += [f"data.subset={args.subset}", "data.num_frames=5", "data.audio_seconds=5"] if args.subset else []
     args.overrides = overrides
     cfg = cli.config_from_args(args)
+    cli.setup_logging(cfg)
     data = cfg.data
 
     if data.source != Source.synthetic and data.root is None:

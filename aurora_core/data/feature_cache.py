@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from aurora_core import logs
 from aurora_core.config import AuroraConfig, DataConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class SamEncoderStage:
         from aurora_core.model.processor import sam_processor
 
         c = config_from_dict(cfg)
+        logs.setup(c.run.dir, "feature-cache", console_level="WARNING")
         self.frame_size = c.data.frame_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch_dtype(c.model.dtype)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aurora_core import losses, memory
+from aurora_core import logs, losses, memory
 from aurora_core.model.aurora import FrozenFeatures, token_logprobs
 from aurora_core.model.processor import ModelInputs
 from aurora_core.rl import grpo
@@ -57,6 +57,7 @@ class LearnerWorker:
         from aurora_core.config import config_from_dict
 
         self.cfg = config_from_dict(cfg)
+        logs.setup(self.cfg.run.dir, "grpo-learner", console_level="WARNING")
         self.init_export = init_export
         self.rank, self.world = rank, world
         self.last_weights: tuple[int, dict[str, torch.Tensor] | None] = (0, None)  # rank 0's last broadcast

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from aurora_core import logs
 from aurora_core.model.aurora import token_logprobs
 from aurora_core.rl.trajectory import RolloutGroup, shipped_features
 
@@ -39,6 +40,7 @@ class RolloutWorker:
         from aurora_core.rl.rewards import RewardWeights
 
         self.cfg = config_from_dict(cfg)
+        logs.setup(self.cfg.run.dir, "grpo-rollout", console_level="WARNING")
         g = self.cfg.grpo
         self.weights = RewardWeights(g.reward_format, g.reward_class, g.reward_iou, g.iou_threshold)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

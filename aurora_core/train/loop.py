@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from aurora_core import losses, memory, reasoning
+from aurora_core import logs, losses, memory, reasoning
 from aurora_core.config import AuroraConfig, StageConfig, config_from_dict, to_dict
 from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics, mask_iou
@@ -67,6 +67,38 @@ def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Te
         loss = loss + st.distill_weight * t["distill"]
     t["loss"] = loss
     return t
+
+
+class EpochLine:
+    """The console's one line per epoch: the mean of each loss term over the epoch's optimizer steps,
+    the validation metrics when it ran, samples/s over the epoch's step time."""
+
+    TERMS = ("loss", "lm", "bce", "dice", "distill")
+
+    def __init__(self, stage: str, epochs: int, steps_per_epoch: int):
+        self.stage, self.epochs, self.steps_per_epoch = stage, epochs, steps_per_epoch
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {k: 0.0 for k in self.TERMS}
+        self.steps, self.samples, self.seconds = 0, 0, 0.0
+
+    def add(self, metrics: dict[str, float], samples: int, seconds: float) -> None:
+        for k in self.TERMS:
+            self.sums[k] += metrics.get(f"train/{k}", 0.0)
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+
+    def render(self, epoch: int, val: dict[str, float] | None, memory_note: str) -> str:
+        m = {k: v / max(1, self.steps) for k, v in self.sums.items()}
+        terms = f"lm {m['lm']:.3f} bce {m['bce']:.3f} dice {m['dice']:.3f}" + (
+            f" distill {m['distill']:.4f}" if m["distill"] else "")
+        line = (f"[{self.stage}] epoch {epoch + 1}/{self.epochs} ({self.steps} steps, {self.seconds:.0f}s): "
+                f"train loss {m['loss']:.4f} ({terms})")
+        if val is not None:
+            line += f" | val loss {val['val/loss']:.4f} J {val['val/J']:.4f} ({int(val['val/rows'])} rows)"
+        return line + f" | {self.samples / max(self.seconds, 1e-9):.1f} samples/s | {memory_note}"
 
 
 def initial_model(cfg: AuroraConfig, spec: StageSpec):
@@ -127,7 +159,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     bf16 = device.type == "cuda"  # NCCL + bf16 on GPUs; gloo + fp32 on CPUs
     _seed(cfg.run.seed * 100 + rank)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{spec.stage} rank {rank}] %(message)s", force=True)
+    logs.setup(cfg.run.dir, spec.stage, console_level="WARNING")  # progress: the lines rank 0 prints
 
     steps_per_epoch = config["steps_per_epoch"]
     rows_per_epoch = steps_per_epoch * st.batch_size * st.grad_accum * world
@@ -228,6 +260,7 @@ def train_worker(config: dict[str, Any]) -> None:
         engine.train()
         pending: list[tuple[str, int]] = []
         step_sums = torch.zeros(6, dtype=torch.float64)  # loss lm bce dice distill tokens
+        epoch_line = EpochLine(spec.stage, st.epochs, steps_per_epoch)
         t_step, t_data, t_wait = time.time(), 0.0, time.time()
         log.info("training from step %d to %d", state.global_step, total_steps)
         for batch in _epochs_of_batches(st, state.epochs_done, cfg.run.seed, rank):
@@ -275,30 +308,33 @@ def train_worker(config: dict[str, Any]) -> None:
             metrics = {k: float(v) for k, v in metrics.items()}
             if state.global_step % cfg.train.log_every_steps == 0:
                 logger.metrics(metrics, state.global_step)
-                if rank == 0:
-                    print(f"[{spec.stage}] epoch {epoch + 1}/{st.epochs} step {state.global_step}/{total_steps} "
-                          f"loss {metrics['train/loss']:.4f} (lm {metrics['train/lm']:.3f} bce {metrics['train/bce']:.3f} "
-                          f"dice {metrics['train/dice']:.3f}"
-                          + (f" distill {metrics['train/distill']:.4f}" if teacher is not None else "")
-                          + f") lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
-                          f"{memory.describe(metrics)}",
-                          flush=True)
+            epoch_line.add(metrics, len(pending) * world, dt)
+            if rank == 0 and cfg.train.print_every_steps and state.global_step % cfg.train.print_every_steps == 0:
+                print(f"[{spec.stage}] epoch {epoch + 1}/{st.epochs} step {state.global_step}/{total_steps} "
+                      f"loss {metrics['train/loss']:.4f} (lm {metrics['train/lm']:.3f} bce {metrics['train/bce']:.3f} "
+                      f"dice {metrics['train/dice']:.3f}"
+                      + (f" distill {metrics['train/distill']:.4f}" if teacher is not None else "")
+                      + f") lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                      f"{memory.describe(metrics)}",
+                      flush=True)
             pending = []
             step_sums.zero_()
             last = state.global_step >= total_steps
+            val = None
             if state.global_step % steps_per_epoch == 0:  # an epoch's worth of steps
                 ep = state.global_step // steps_per_epoch
                 if last or ep % st.val_every_epochs == 0:
                     val = validate(ep - 1)
                     metrics = {**metrics, **val}
                     logger.metrics(val, state.global_step)
-                    if rank == 0:
-                        print(f"[{spec.stage}] epoch {ep} done: val loss {val['val/loss']:.4f} J {val['val/J']:.4f} "
-                              f"({int(val['val/rows'])} rows)", flush=True)
                 save_checkpoint(metrics)
             elif last or (cfg.train.checkpoint_every_steps
                           and state.global_step % cfg.train.checkpoint_every_steps == 0):
                 save_checkpoint(metrics)
+            if state.global_step % steps_per_epoch == 0 or last:
+                if rank == 0:
+                    print(epoch_line.render(epoch, val, memory.describe(metrics)), flush=True)
+                epoch_line.reset()
             if last:
                 break
             t_step, t_data, t_wait = time.time(), 0.0, time.time()

@@ -34,6 +34,9 @@ def import_deepspeed():
     importlib.import_module("torch._dynamo")  # zero.Init's signature checks need it imported first
     import deepspeed
 
+    from aurora_core import logs
+
+    logs.adopt_library_loggers()  # DeepSpeed prints through a handler of its own, installed at import
     # The CPU accelerator JIT-builds an shm all-reduce op (~2 min of g++) used only for inference
     # all-reduce; we never use it. The attribute deepspeed.comm.torch is the torch module, hence sys.modules.
     comm_torch = sys.modules.get("deepspeed.comm.torch")
