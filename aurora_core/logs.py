@@ -45,9 +45,13 @@ def setup(run_dir: Path | str | None, role: str, console_level: str = "INFO") ->
     if not isinstance(level, int):
         raise ValueError(f"AURORA_LOG_LEVEL={os.environ.get('AURORA_LOG_LEVEL')!r} is not a logging level")
     root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "aurora", False)]:
+    # ours from an earlier call, and console handlers others put on the root (Ray Train's worker
+    # setup prints every record from INFO up through one); file handlers stay
+    for h in [h for h in root.handlers if getattr(h, "aurora", False)
+              or (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler))]:
         root.removeHandler(h)
-        h.close()
+        if getattr(h, "aurora", False):
+            h.close()
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(_ConsoleFilter(level))
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -84,10 +88,11 @@ def adopt_library_loggers() -> None:
 
 
 def ray_data_env(interactive: bool) -> dict[str, str]:
-    """Environment for Ray Data in every process: progress bars only on a terminal (their cursor
-    escapes fill a log file otherwise), its INFO records ("Running Dataset ...") left out. Values
-    the user set win."""
+    """Environment for Ray Data in every process: its INFO records ("Running Dataset ...", progress
+    logged as lines) left out, and off a terminal no tqdm bars from Ray workers (Ray Train's ingest
+    actor draws them through Ray's distributed tqdm, cursor escapes and all, whatever the console);
+    Ray Data then reports progress as INFO records. Values the user set win."""
     env = {"RAY_DATA_LOG_LEVEL": "WARNING"}
     if not interactive:
-        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+        env["RAY_TQDM"] = "0"
     return {k: os.environ.get(k, v) for k, v in env.items()}

@@ -59,6 +59,6 @@ def _quiet_ray_data_here(env: dict[str, str]) -> None:
     """The driver's own Ray Data (it runs the executions the stages iterate over), as the workers'."""
     import ray.data
 
-    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_DATA_")})
-    ray.data.DataContext.get_current().enable_progress_bars = env.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
+    ray.data.DataContext.get_current().use_ray_tqdm = env.get("RAY_TQDM", "1") != "0"
     logging.getLogger("ray.data").setLevel(env["RAY_DATA_LOG_LEVEL"])

@@ -50,7 +50,9 @@ def small_cfg(tmp_path_factory):
     from aurora_core.config import load_config
 
     root = tmp_path_factory.mktemp("runs")
-    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + [f"run.root={root}"])
+    # LoRA on, as in the real-model configs: the model, rollout and learner tests check its wiring. The
+    # chain tests (test_train_stages.py) run the tiny default as it is, its whole LLM training.
+    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + ["model.lora.enabled=true", f"run.root={root}"])
 
 
 @pytest.fixture(scope="session")

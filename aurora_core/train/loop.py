@@ -370,7 +370,7 @@ def _ordered_ingest():
 
 def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     """Train one stage on Ray Train; returns the final reported metrics."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from aurora_core.runtime import init_ray
@@ -405,7 +405,10 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
         run_config=RunConfig(
             name=spec.stage, storage_path=str(cfg.run.dir / "ray_train"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray Train's own console lines (worker group start, every reported TrainingReport) from
+            # WARNING up; all of them stay in its session logs (/tmp/ray/session_latest/logs/train)
+            logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split="all", execution_options=_ordered_ingest()),
     )
     log.info("%s: %d workers, %d steps per epoch, %d epochs", spec.stage, w, steps_per_epoch, st.epochs)
