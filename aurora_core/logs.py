@@ -81,6 +81,8 @@ def adopt_library_loggers() -> None:
 
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
+        if not sys.stderr.isatty():  # "Loading weights" bars: a Ray worker's stderr is never a terminal
+            hf_logging.disable_progress_bar()
     ds = logging.getLogger("DeepSpeed")
     for h in list(ds.handlers):
         ds.removeHandler(h)

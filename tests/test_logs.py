@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 
@@ -23,8 +24,9 @@ def restore_root_logging():
 
 
 def test_library_noise_goes_to_the_file_and_ours_to_the_console(tmp_path, capsys, restore_root_logging, monkeypatch):
-    import deepspeed  # noqa: F401  (installs its own stdout handler, which setup detaches)
     from transformers.utils import logging as hf_logging
+
+    importlib.import_module("deepspeed")  # installs its own stdout handler, which setup detaches
 
     monkeypatch.delenv("AURORA_LOG_LEVEL", raising=False)
     path = logs.setup(tmp_path, "teacher", console_level="INFO")
