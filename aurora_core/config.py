@@ -409,6 +409,9 @@ class GRPOConfig:
         _check(0 < self.learner_gpus <= 1, f"grpo.learner_gpus must be in (0, 1], got {self.learner_gpus}")
 
 
+ABLATIONS = ("audio", "video", "text")  # eval.ablate: the inputs an evaluation can take away
+
+
 @dataclass
 class EvalConfig:
     splits: Optional[list[str]] = None  # None: the benchmark's test splits (Ref-AVS test_s/u/n, AVSBench test)
@@ -428,8 +431,14 @@ class EvalConfig:
     # flatters Null S); force = append "It is [SEG]." and decode the mask from that token, as
     # AURORA's inference does. results.json counts such answers per split either way (no_seg_frac).
     no_seg: str = "empty"
+    # evaluate with one input taken away (bench/ablations.py): audio = silence, video = blank frames
+    # for the thinker (SAM keeps the real ones, or no mask could be drawn at all), text = an empty
+    # expression; None: the inputs as they are
+    ablate: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check(self.ablate in (None, *ABLATIONS), f"eval.ablate must be null or one of {', '.join(ABLATIONS)}, "
+                                                  f"got {self.ablate!r}")
         bad = [s for s in self.splits or () if s not in REFAVS_SPLITS + AVSBENCH_SPLITS]
         _check(not bad, f"eval.splits: unknown split(s) {bad}")
         _check(self.protocol in ("official", "split"), f"eval.protocol must be official or split, got {self.protocol!r}")

@@ -91,7 +91,7 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
         tables[p] = sc.table(per_split, p)
     table = tables[e.protocol]
     result = {"model": str(model_dir), "name": name, "benchmark": sc.benchmark, "subset": sc.subset,
-              "protocol": e.protocol, "no_seg": e.no_seg, "splits": per_split, "table": table, "tables": tables,
+              "protocol": e.protocol, "no_seg": e.no_seg, "ablate": e.ablate, "splits": per_split, "table": table, "tables": tables,
               "protocol_batch_clips": sc.batch_clips, "score_size": sc.score_size, "j_threshold": sc.j_threshold,
               "seconds": time.time() - t0}
     out_dir.mkdir(parents=True, exist_ok=True)

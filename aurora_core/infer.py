@@ -63,7 +63,7 @@ class ExportPredictor:
     def _answer(self, b: dict[str, Any]) -> dict[str, Any]:
         from torchvision.io import encode_png
 
-        prompts = self.proc.prompt_batch(b).to(self.device, self.dtype)
+        prompts = ablated_prompts(self.proc, b, self.cfg.eval.ablate).to(self.device, self.dtype)
         sample = self.temperature > 0
         r = self.model.generate_with_masks(
             prompts, num_samples=1, temperature=self.temperature if sample else 1.0, top_p=1.0,
@@ -108,6 +108,25 @@ class ExportPredictor:
         masks[:] = out["pred_masks"]
         result["pred_masks"] = masks
         return result
+
+
+def ablated_prompts(proc, b: dict[str, Any], ablate: str | None):
+    """The prompt batch of ``b`` with one input taken away (``eval.ablate``): ``audio`` silence,
+    ``text`` an empty expression, ``video`` blank frames for the thinker's vision tower while SAM
+    keeps the real frames (its image embeddings are what the mask decoder draws on)."""
+    from dataclasses import replace
+
+    if ablate is None:
+        return proc.prompt_batch(b)
+    if ablate == "audio":
+        return proc.prompt_batch(dict(b, audio=torch.zeros_like(b["audio"])))
+    if ablate == "text":
+        return proc.prompt_batch(dict(b, exp=[""] * len(b["exp"])))
+    if ablate == "video":
+        real = proc.prompt_batch(b)
+        blank = proc.prompt_batch(dict(b, frames=torch.zeros_like(b["frames"])))
+        return replace(blank, sam_pixel_values=real.sam_pixel_values, sam_image_embeddings=real.sam_image_embeddings)
+    raise ValueError(f"unknown eval.ablate {ablate!r}")
 
 
 def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,

@@ -45,10 +45,7 @@ def setup(run_dir: Path | str | None, role: str, console_level: str = "INFO") ->
     if not isinstance(level, int):
         raise ValueError(f"AURORA_LOG_LEVEL={os.environ.get('AURORA_LOG_LEVEL')!r} is not a logging level")
     root = logging.getLogger()
-    # ours from an earlier call, and console handlers others put on the root (Ray Train's worker
-    # setup prints every record from INFO up through one); file handlers stay
-    for h in [h for h in root.handlers if getattr(h, "aurora", False)
-              or (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler))]:
+    for h in [h for h in root.handlers if getattr(h, "aurora", False) or _foreign_console(h)]:
         root.removeHandler(h)
         if getattr(h, "aurora", False):
             h.close()
@@ -68,9 +65,18 @@ def setup(run_dir: Path | str | None, role: str, console_level: str = "INFO") ->
         h.aurora = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(min(logging.INFO, level))
+    logging.captureWarnings(False)  # re-install: a test harness may have swapped warnings.showwarning since
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the file
     adopt_library_loggers()
     return path
+
+
+def _foreign_console(h: logging.Handler) -> bool:
+    """A handler someone else put on the root that prints to this process's stdout or stderr (Ray
+    Train gives its workers Ray's PlainRayHandler there, printing every record from INFO up). File
+    handlers and in-memory ones (a test harness's) stay."""
+    return (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+            and getattr(h, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
 
 
 def adopt_library_loggers() -> None:

@@ -327,6 +327,7 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
         cached = _json.loads(res.read_text())
         e, sc = cfg.eval, scoring(cfg)
         if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached and cached.get("no_seg") == e.no_seg
+                and cached.get("ablate") == e.ablate
                 and (cached.get("protocol_batch_clips"), cached.get("score_size"), cached.get("j_threshold"))
                 == (sc.batch_clips, sc.score_size, sc.j_threshold)):
             print(f"[eval] {name}: results at {res} are newer than the model: reused")

@@ -26,7 +26,8 @@ GRPO = ["grpo.max_new_tokens=24", "grpo.allow_truncation=true", "grpo.rollout_ac
 
 def cfg_for(root, shards_dir, *extra):
     return load_config(ROOT / "configs" / "tiny.yaml",
-                       SMALL_DATA + GRPO + [f"run.root={root}", f"data.shards={shards_dir}", *extra])
+                       SMALL_DATA + GRPO + ["model.lora.enabled=true",  # as small_cfg, which built the exports
+                                            f"run.root={root}", f"data.shards={shards_dir}", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_library_noise_goes_to_the_file_and_ours_to_the_console(tmp_path, capsys
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.warn("torch.distributed.all_gather_into_tensor is deprecated", FutureWarning)
-    logging.getLogger("ray.train").error("a library error")
+    logging.getLogger("filelock").error("a library error")  # any library: its errors reach the console
     err = capsys.readouterr()
     console = err.err + err.out
     assert "our progress" in console and "a library error" in console

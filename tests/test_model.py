@@ -301,3 +301,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_cfg, batch):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def test_ablated_prompts_take_away_one_input(built, batch):
+    """eval.ablate (bench/ablations.py): silence, an empty expression, or blank frames for the thinker
+    while SAM keeps the real ones; everything else stays as it is."""
+    from aurora_core.infer import ablated_prompts
+
+    _, proc = built
+    real = proc.prompt_batch(batch)
+    audio = ablated_prompts(proc, batch, "audio")
+    assert not torch.equal(audio.input_features, real.input_features)
+    assert torch.equal(audio.input_ids, real.input_ids) and torch.equal(audio.pixel_values_videos, real.pixel_values_videos)
+    text = ablated_prompts(proc, batch, "text")
+    assert text.input_ids.shape[1] < real.input_ids.shape[1] and torch.equal(text.input_features, real.input_features)
+    video = ablated_prompts(proc, batch, "video")
+    assert not torch.equal(video.pixel_values_videos, real.pixel_values_videos)
+    assert torch.equal(video.sam_pixel_values, real.sam_pixel_values) and torch.equal(video.input_ids, real.input_ids)
+    assert ablated_prompts(proc, batch, None).input_ids.equal(real.input_ids)
