@@ -75,8 +75,8 @@ class EpochLine:
 
     TERMS = ("loss", "lm", "bce", "dice", "distill")
 
-    def __init__(self, stage: str, epochs: int, steps_per_epoch: int):
-        self.stage, self.epochs, self.steps_per_epoch = stage, epochs, steps_per_epoch
+    def __init__(self, stage: str, epochs: int):
+        self.stage, self.epochs = stage, epochs
         self.reset()
 
     def reset(self) -> None:
@@ -260,7 +260,7 @@ def train_worker(config: dict[str, Any]) -> None:
         engine.train()
         pending: list[tuple[str, int]] = []
         step_sums = torch.zeros(6, dtype=torch.float64)  # loss lm bce dice distill tokens
-        epoch_line = EpochLine(spec.stage, st.epochs, steps_per_epoch)
+        epoch_line = EpochLine(spec.stage, st.epochs)
         t_step, t_data, t_wait = time.time(), 0.0, time.time()
         log.info("training from step %d to %d", state.global_step, total_steps)
         for batch in _epochs_of_batches(st, state.epochs_done, cfg.run.seed, rank):
