@@ -191,7 +191,9 @@ def convert(root: Path, out: Path, data: DataConfig, *, source: str, seed: int |
         def args(i: int) -> tuple:
             return (release.loader.with_cot(_chunk_cot(release, chunks[i])), chunks[i], i, str(tmp), lenient)
 
-        bar = tqdm(total=len(rows), unit="row", desc="shards", disable=not progress, file=sys.stderr)
+        # a bar on a terminal only (in a log its carriage returns pile up); the summary says the rest
+        bar = tqdm(total=len(rows), unit="row", desc="shards", disable=not (progress and sys.stderr.isatty()),
+                   file=sys.stderr)
         for res in _run_chunks(args, len(chunks), data.conversion_workers):
             if res.error is not None:
                 bar.close()
