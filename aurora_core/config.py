@@ -106,8 +106,12 @@ class DataConfig:
     lenient: bool = False  # quarantine bad rows instead of stopping at the first one
     # SAM image embeddings computed once per distinct clip (a Ray Data actor pool, inference.* sizes
     # it) and stored beside the shards; every stage then reads them instead of running SAM's
-    # encoder (aurora_core.data.feature_cache). Needs model.sam_path. Disk: 2 MiB a frame at 1024 px.
+    # encoder (aurora_core.data.feature_cache). Disk: 2 MiB a frame at 1024 px.
     cache_frozen_features: bool = False
+    # with cache_frozen_features: the audio and vision towers' outputs too, so that neither the
+    # processors nor the towers run after the cache is built (the tiny default: they were ~40 % of a
+    # step). Off for real widths: ~7 % of the frozen FLOPs at 7B, ~6 MiB a clip more on disk
+    cache_towers: bool = False
     # the cache's directory; default <shards parent>/frozen-features/sam-<fingerprint of SAM and sizes>
     # (the stages fill it in when they build or check the cache)
     frozen_features_dir: Optional[str] = None
@@ -123,6 +127,8 @@ class DataConfig:
                f"data.subset must be null (Ref-AVS) or one of {', '.join(AVSBENCH_SUBSETS)}, got {self.subset!r}")
         _check(self.source != Source.avsbench or self.subset is not None,
                "data.source=avsbench needs data.subset=s4 or ms3")
+        _check(not self.cache_towers or self.cache_frozen_features,
+               "data.cache_towers needs data.cache_frozen_features=true (the towers' outputs live in that cache)")
         _check(self.source != Source.refavs or self.subset is None,
                "data.subset is for AVSBench; the Ref-AVS release (data.source=refavs) has none")
         _check(self.subset is None or self.num_frames == AVSBENCH_FRAMES,
@@ -180,6 +186,13 @@ class TinyModelConfig:
     sam_hidden: int = 32  # SAM prompt/decoder width (256 for SAM ViT-H)
     sam_vision_hidden: int = 32
     sam_vision_layers: int = 2
+    # RoPE base of the LLM. Qwen2.5-Omni's 1e6 leaves a 32-dim head's height/width sections of the
+    # multimodal RoPE (the lowest frequencies) turning < 1e-3 rad per patch row/column: a tiny model
+    # then cannot tell left from right in the video tokens
+    rope_theta: float = 1.0e6
+    # weight init std of the frozen audio and vision towers (transformers' default 0.02 leaves a random
+    # audio tower's output 99.6 % its positional embedding: the same for every clip)
+    tower_init_range: float = 0.02
     sam_patch_size: int = 8  # SAM ViT patch (SAM uses 16; 8 gives the tiny 64-px input an 8x8 grid); image embeddings are sam_image_size / patch
     init_seed: int = 0  # same seed -> same random base weights, for every stage
 
@@ -281,6 +294,9 @@ class StageConfig:
     dice_weight: float = 0.5
     distill_weight: float = 0.0  # SFT: [SEG] feature distillation against the stage-0 teacher
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs)
+    # >0: the mask losses of a training step on this many frames of each clip (a seeded draw per step)
+    # instead of all of them: SAM's decoder is half of a tiny step (validation decodes every frame)
+    mask_frames: int = 0
     val_rows: int = 0  # >0: validate on at most this many rows
     val_every_epochs: int = 1  # validation (and its overlays) every N epochs and after the last step
 
@@ -288,6 +304,7 @@ class StageConfig:
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
+        _check(self.mask_frames >= 0, "mask_frames must be >= 0 (0: every frame)")
         _check(min(self.lm_weight, self.bce_weight, self.dice_weight, self.distill_weight) >= 0,
                "loss weights must be >= 0")
 
@@ -297,6 +314,13 @@ class ReflectStageConfig(StageConfig):
     """Stage 2: training (as every stage) plus which answers of the stage-1 model count as wrong."""
 
     iou_threshold: float = 0.5  # an answer whose masks have IoU below this is corrected
+    # > 0: the stage-1 model answers this many train rows (a seeded choice) and the stage trains on
+    # them; 0: every train row (the paper). Answering is generation: the dearest part of the stage
+    rows: int = 0
+    # the LM loss of a corrected row on the model's own (wrong) reasoning as well; false: only on the
+    # trigger and the correct CoT after it, the own reasoning being the context the correction follows
+    # (trained on, the tiny model learnt to say its mistakes again: structure rate 0.94 -> 0.16)
+    train_own_reasoning: bool = False
 
 
 @dataclass
@@ -431,6 +455,10 @@ class EvalConfig:
     # flatters Null S); force = append "It is [SEG]." and decode the mask from that token, as
     # AURORA's inference does. results.json counts such answers per split either way (no_seg_frac).
     no_seg: str = "empty"
+    # several exports evaluated at once (pipelines/all.py: every stage) share one pass over the data,
+    # each predictor actor holding all of them: one actor start and one Ray Data pass instead of one
+    # per export. For small models (the tiny default); at real widths an actor holds one export.
+    together: bool = False
     # evaluate with one input taken away (bench/ablations.py): audio = silence, video = blank frames
     # for the thinker (SAM keeps the real ones, or no mask could be drawn at all), text = an empty
     # expression; None: the inputs as they are
@@ -456,6 +484,9 @@ class UnreferencedConfig:
     source: Source = Source.synthetic  # synthetic (generated in the AVSBench layout) or avsbench (the release)
     root: Optional[str] = None  # the AVSBench release: the folder holding Single-source/ and Multi-sources/
     audio_seconds: float = 5.0
+    # the frozen-feature cache for these test clips: None = as data.cache_frozen_features. Caching a
+    # few clips that are read once costs an encoding job of its own (~15 s on the tiny default)
+    cache_frozen_features: Optional[bool] = None
 
     def __post_init__(self) -> None:
         bad = [s for s in self.subsets if s not in AVSBENCH_SUBSETS]
@@ -501,9 +532,6 @@ class AuroraConfig:
                f"grpo.max_new_tokens={g.max_new_tokens} is below model.max_answer_tokens={m.max_answer_tokens}: "
                "rollouts would be cut before 'It is [SEG].' (format 0, empty masks); raise grpo.max_new_tokens "
                "or set grpo.allow_truncation=true for a smoke run")
-        _check(not self.data.cache_frozen_features or m.sam_path is not None,
-               "data.cache_frozen_features needs model.sam_path (a SAM checkpoint on disk): the tiny default's "
-               "SAM is drawn at random per run, so its embeddings cannot be stored for later stages")
         bad = [s for s in self.eval.splits or () if s not in self.data.splits]
         _check(not bad, f"eval.splits {bad} are not splits of the {self.data.benchmark} benchmark "
                         f"({', '.join(self.data.splits)})")
@@ -518,8 +546,12 @@ class AuroraConfig:
         import dataclasses
 
         u = self.unreferenced
+        # frozen_features_dir: the AVSBench clips (5 frames, 5 s) have a cache of their own beside their shards
+        cache = self.data.cache_frozen_features if u.cache_frozen_features is None else u.cache_frozen_features
         data = dataclasses.replace(self.data, source=u.source, root=u.root, shards=None, subset=subset,
-                                   num_frames=AVSBENCH_FRAMES, audio_seconds=u.audio_seconds)
+                                   num_frames=AVSBENCH_FRAMES, audio_seconds=u.audio_seconds,
+                                   frozen_features_dir=None, cache_frozen_features=cache,
+                                   cache_towers=cache and self.data.cache_towers)
         return dataclasses.replace(self, data=data, eval=dataclasses.replace(self.eval, splits=None))
 
 

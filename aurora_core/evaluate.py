@@ -59,18 +59,46 @@ def scoring(cfg: AuroraConfig) -> Scoring:
     return Scoring("avsbench", d.subset, AVS_J_THRESHOLD, AVS_SCORE_SIZE, e.protocol_batch_clips, cols)
 
 
+ROW_COLUMNS = ("key", "line", "uid", "split", "class", "kind", "answer", "pred_class", "class_correct", "well_formed",
+               "structured", "has_seg", "iou", "metrics", "pred_masks")
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One export to evaluate and where its results go."""
+
+    name: str  # the run's name for it (results under eval/<name>, MLflow run eval-<name>)
+    model_dir: Path
+    out_dir: Path
+    logger: Any = None  # aurora_core.tracking.RunLogger of its MLflow run, or None
+
+
 def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path, splits: list[str],
              name: str, logger=None) -> dict[str, Any]:
-    e, sc = cfg.eval, scoring(cfg)
+    return evaluate_many(cfg, [EvalTarget(name, Path(model_dir), Path(out_dir), logger)], shards_dir, splits)[name]
+
+
+def evaluate_many(cfg: AuroraConfig, targets: list[EvalTarget], shards_dir: Path, splits: list[str]) -> dict[str, dict]:
+    """Evaluate several exports in one pass over the data (each predictor actor holds all of them,
+    ``eval.together``); results per export name, each as :func:`evaluate` writes them."""
+    e = cfg.eval
     t0 = time.time()
-    ds = predict(cfg, model_dir, shards_dir, splits, "answer", actors=e.actors, batch_size=e.batch_size,
-                 cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor, max_new_tokens=e.max_new_tokens,
-                 score_size=sc.score_size, no_seg=e.no_seg, j_threshold=sc.j_threshold)
-    rows: list[dict[str, Any]] = []
+    ds = predict(cfg, {t.name: t.model_dir for t in targets}, shards_dir, splits, "answer", actors=e.actors,
+                 batch_size=e.batch_size, cpus_per_actor=e.cpus_per_actor, gpus_per_actor=e.gpus_per_actor,
+                 max_new_tokens=e.max_new_tokens, score_size=scoring(cfg).score_size, no_seg=e.no_seg,
+                 j_threshold=scoring(cfg).j_threshold)
+    rows: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
     for r in ds.iter_rows():
-        rows.append({k: r[k] for k in ("key", "line", "uid", "split", "class", "kind", "answer", "pred_class",
-                                       "class_correct", "well_formed", "structured", "has_seg", "iou", "metrics",
-                                       "pred_masks")})
+        rows[r["model"]].append({k: r[k] for k in ROW_COLUMNS})
+    seconds = time.time() - t0
+    return {t.name: _results(cfg, t, rows[t.name], shards_dir, splits, seconds) for t in targets}
+
+
+def _results(cfg: AuroraConfig, target: EvalTarget, rows: list[dict[str, Any]], shards_dir: Path, splits: list[str],
+             seconds: float) -> dict[str, Any]:
+    """One export's rows -> its metrics under both protocols, results.json, answers.jsonl and MLflow."""
+    e, sc = cfg.eval, scoring(cfg)
+    name, model_dir, out_dir, logger = target.name, target.model_dir, target.out_dir, target.logger
     rows.sort(key=lambda r: int(r["line"]))  # metadata order: the official protocol batches consecutive rows
     per_split, tables = {}, {}
     for s in splits:
@@ -93,7 +121,7 @@ def evaluate(cfg: AuroraConfig, model_dir: Path, shards_dir: Path, out_dir: Path
     result = {"model": str(model_dir), "name": name, "benchmark": sc.benchmark, "subset": sc.subset,
               "protocol": e.protocol, "no_seg": e.no_seg, "ablate": e.ablate, "splits": per_split, "table": table, "tables": tables,
               "protocol_batch_clips": sc.batch_clips, "score_size": sc.score_size, "j_threshold": sc.j_threshold,
-              "seconds": time.time() - t0}
+              "seconds": seconds}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     with open(out_dir / "answers.jsonl", "w") as f:

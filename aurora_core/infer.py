@@ -1,10 +1,13 @@
-"""Batch inference with an exported model on a Ray Data actor pool.
+"""Batch inference with exported models on a Ray Data actor pool.
 
 One callable class, :class:`ExportPredictor`, serves three jobs:
 - ``seg_embedding``: the projected [SEG] embedding of the model's direct answer (SFT distillation targets);
 - ``answer``: the model's own answer (greedy or sampled), its parsed class, its masks and their
   per-row metric counts (reflect stage, evaluation).
-Each actor loads the export once (``map_batches(..., compute=ActorPoolStrategy(size=N))``).
+Each actor loads its exports once (``map_batches(..., compute=ActorPoolStrategy(size=N))``). In
+``answer`` mode an actor may hold several exports (``eval.together``: every stage of a small model in
+one pass over the data): each row is answered by each of them, the output rows tagged with the
+export's name (``model``).
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ log = logging.getLogger(__name__)
 
 
 class ExportPredictor:
-    def __init__(self, export_dir: str, cfg: dict[str, Any], mode: str, max_new_tokens: int = 160,
+    def __init__(self, exports: dict[str, str], cfg: dict[str, Any], mode: str, max_new_tokens: int = 160,
                  temperature: float = 0.0, seed: int = 0, score_size: int = 0, no_seg: str = "empty",
                  j_threshold: float = 0.4):
         from aurora_core.model.build import load_export
 
         self.cfg = config_from_dict(cfg)
         logs.setup(self.cfg.run.dir, "inference", console_level="WARNING")
+        if mode != "answer" and len(exports) != 1:
+            raise ValueError(f"mode {mode!r} reads one export, got {len(exports)}")
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -43,36 +48,43 @@ class ExportPredictor:
         self.no_seg = no_seg  # empty | force (eval.no_seg)
         self.j_threshold = j_threshold  # sigmoid threshold of J: 0.4 Ref-AVS, 0.5 AVSBench (metrics)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.proc, _ = load_export(export_dir, self.cfg.data, trainable=False,
-                                                 runtime=self.cfg.model)
-        self.model.to(self.device).eval()
-        self.dtype = next(self.model.llm.parameters()).dtype
-        torch.manual_seed(seed)
+        self.models = {}  # name -> (model, processor), in the order given
+        for name, export_dir in exports.items():
+            model, proc, _ = load_export(export_dir, self.cfg.data, trainable=False, runtime=self.cfg.model)
+            self.models[name] = (model.to(self.device).eval(), proc)
+        self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         b = shards.collate(batch)
         with torch.no_grad():
             if self.mode == "seg_embedding":
-                inp = self.proc.train_batch(b, [reasoning.direct_answer(c) for c in b["class"]])
-                out = self.model(inp.to(self.device, self.dtype), with_masks=False)
+                model, proc = next(iter(self.models.values()))
+                inp = proc.train_batch(b, [reasoning.direct_answer(c) for c in b["class"]])
+                out = model(inp.to(self.device, next(model.llm.parameters()).dtype), with_masks=False)
                 return {"key": np.asarray(b["key"]), "embedding": list(out.seg_embedding.float().cpu().numpy())}
             if self.mode == "answer":
-                return self._answer(b)
+                parts = []
+                for name, (model, proc) in self.models.items():
+                    # the same draws whatever the other exports did: seeded per batch and model
+                    torch.manual_seed(self.seed + int(b["line"][0]))
+                    parts.append({**self._answer(b, model, proc), "model": np.asarray([name] * len(b["key"]))})
+                return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         raise ValueError(f"unknown mode {self.mode!r}")
 
-    def _answer(self, b: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, b: dict[str, Any], model, proc) -> dict[str, Any]:
         from torchvision.io import encode_png
 
-        prompts = ablated_prompts(self.proc, b, self.cfg.eval.ablate).to(self.device, self.dtype)
+        dtype = next(model.llm.parameters()).dtype
+        prompts = ablated_prompts(proc, b, self.cfg.eval.ablate).to(self.device, dtype)
         sample = self.temperature > 0
-        r = self.model.generate_with_masks(
+        r = model.generate_with_masks(
             prompts, num_samples=1, temperature=self.temperature if sample else 1.0, top_p=1.0,
-            max_new_tokens=self.max_new_tokens, eos_id=self.proc.eos_id, pad_id=self.proc.pad_id,
-            suppress_ids=self.proc.suppress_ids, decode=self.proc.decode, do_sample=sample)
+            max_new_tokens=self.max_new_tokens, eos_id=proc.eos_id, pad_id=proc.pad_id,
+            suppress_ids=proc.suppress_ids, decode=proc.decode, do_sample=sample)
         masks = r.mask_logits
         if self.no_seg == "force":
-            suffix = self.proc.tok(" " + reasoning.ANSWER_SUFFIX, add_special_tokens=False).input_ids
-            masks = self.model.masks_with_forced_seg(prompts, r, suffix, self.proc.eos_id)
+            suffix = proc.tok(" " + reasoning.ANSWER_SUFFIX, add_special_tokens=False).input_ids
+            masks = model.masks_with_forced_seg(prompts, r, suffix, proc.eos_id)
         masks = masks.float().cpu()
         out: dict[str, list] = {k: [] for k in ("key", "line", "uid", "split", "class", "kind", "answer",
                                                 "pred_class", "class_correct", "well_formed", "structured",
@@ -118,6 +130,8 @@ def ablated_prompts(proc, b: dict[str, Any], ablate: str | None):
 
     if ablate is None:
         return proc.prompt_batch(b)
+    if ablate in ("audio", "video"):  # the towers' cached outputs are those of the real media: recompute
+        b = {k: v for k, v in b.items() if k not in ("audio_features", "video_features")}
     if ablate == "audio":
         return proc.prompt_batch(dict(b, audio=torch.zeros_like(b["audio"])))
     if ablate == "text":
@@ -129,24 +143,28 @@ def ablated_prompts(proc, b: dict[str, Any], ablate: str | None):
     raise ValueError(f"unknown eval.ablate {ablate!r}")
 
 
-def predict(cfg: AuroraConfig, export_dir: Path, shards_dir: Path, splits: list[str], mode: str, *,
+def predict(cfg: AuroraConfig, exports: Path | dict[str, Path], shards_dir: Path, splits: list[str], mode: str, *,
             actors: int, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
             max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0, no_seg: str = "empty",
-            j_threshold: float = 0.4):
-    """A lazy Ray Dataset of predictions for the rows of ``splits`` (in no particular order: each row
-    carries its metadata ``line``). ``score_size``: per-row metrics as the official protocol scores,
-    J at ``j_threshold``."""
+            j_threshold: float = 0.4, keys: list[str] | None = None):
+    """A lazy Ray Dataset of predictions for the rows of ``splits`` (``keys``: only those rows), in no
+    particular order: each row carries its metadata ``line``; with several ``exports`` {name: dir}
+    also the ``model`` that answered. ``score_size``: per-row metrics as the official protocol
+    scores, J at ``j_threshold``."""
     import ray.data
 
     from aurora_core.runtime import init_ray
 
     init_ray(cfg)
+    if not isinstance(exports, dict):
+        exports = {Path(exports).name: Path(exports)}
     ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size,
-                             rows_per_block=batch_size if actors > 1 else None, score_size=score_size)
+                             rows_per_block=batch_size if actors > 1 else None, score_size=score_size,
+                             media=mode == "answer" and cfg.eval.ablate in ("audio", "video"), keys=keys)
     return ds.map_batches(
         ExportPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
-        fn_constructor_kwargs=dict(export_dir=str(export_dir), cfg=to_dict(cfg), mode=mode,
+        fn_constructor_kwargs=dict(exports={n: str(p) for n, p in exports.items()}, cfg=to_dict(cfg), mode=mode,
                                    max_new_tokens=max_new_tokens, temperature=temperature, seed=cfg.run.seed,
                                    score_size=score_size, no_seg=no_seg, j_threshold=j_threshold))
 

@@ -96,8 +96,8 @@ _cache_ready: set[tuple[str, str]] = set()  # (cache dir, shard set) checked in 
 
 
 def require_shards(layout: RunLayout) -> dict[str, Any]:
-    """The run's shard manifest; with ``data.cache_frozen_features`` also the SAM embedding cache:
-    what it lacks for this shard set embedded, and ``data.frozen_features_dir`` pointed at it (the
+    """The run's shard manifest; with ``data.cache_frozen_features`` also the frozen-feature cache:
+    what it lacks for this shard set encoded, and ``data.frozen_features_dir`` pointed at it (the
     decoders of every stage and worker read it from the config)."""
     manifest = shards.load_manifest(layout.shards)
     d = layout.cfg.data
@@ -107,8 +107,9 @@ def require_shards(layout: RunLayout) -> dict[str, Any]:
         r = feature_cache.ensure(layout.cfg, layout.shards)
         d.frozen_features_dir = r.dir
         _cache_ready.add((r.dir, str(layout.shards)))
-        print(f"[data] SAM embeddings of {r.clips} distinct clips ({r.rows} rows): {r.cached_before} cached, "
-              f"{r.computed} embedded now ({r.bytes_written / 2**20:.0f} MiB, {r.seconds:.0f}s) in {r.dir}")
+        what = "SAM embeddings and tower outputs" if d.cache_towers else "SAM embeddings"
+        print(f"[data] {what} of {r.clips} distinct clips ({r.rows} rows): {r.cached_before} cached, "
+              f"{r.computed} encoded now ({r.bytes_written / 2**20:.0f} MiB, {r.seconds:.0f}s) in {r.dir}")
     return manifest
 
 
@@ -135,7 +136,8 @@ def _supervised(cfg: AuroraConfig, stage: str, target: str, tracker: Tracker, pa
     spec = StageSpec(stage=stage, target=target, train_shards=str(train_shards or layout.shards),
                      val_shards=str(layout.shards), export_dir=str(out), stage_dir=str(layout.stage_dir(stage)),
                      init=str(init) if init else None, distill=str(distill) if distill else None,
-                     tracking_uri=tracker.uri if tracker.enabled else None, mlflow_run_id=child)
+                     tracking_uri=tracker.uri if tracker.enabled else None, mlflow_run_id=child,
+                     own_reasoning_trained=stage != "reflect" or cfg.reflect.train_own_reasoning)
     t0 = time.time()
     try:
         metrics = run_stage(cfg, spec)
@@ -177,11 +179,13 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
     Wrong answers (class mismatch, or IoU under ``reflect.iou_threshold``) get the target
     ``<own reasoning> Wait, let me reconsider. <correct CoT>``; right ones keep the ground-truth CoT.
     Writes ``stages/reflect/shards`` (same schema, ``cot`` = the target) and ``answers.parquet``
-    (row key, uid, the model's answer, class, IoU, corrected) for inspection.
+    (row key, uid, the model's answer, class, IoU, corrected) for inspection. With ``reflect.rows``
+    only that many train rows (a seeded choice) are answered and make up the stage-2 set.
     """
     import json as _json
 
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from aurora_core import reasoning
@@ -192,9 +196,17 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
     r, inf = cfg.reflect, cfg.inference
     out = layout.stage_dir("reflect") / "shards"
     t0 = time.time()
+    keys = None
+    if r.rows:  # a seeded choice of train rows, answered and trained on (the rest are left out)
+        import numpy as np
+
+        every = shards.split_keys(layout.shards, "train")
+        rng = np.random.default_rng([cfg.run.seed, 2])
+        keys = sorted(every[i] for i in rng.choice(len(every), size=min(r.rows, len(every)), replace=False))
     preds = predict(cfg, sft_dir, layout.shards, ["train"], "answer", actors=inf.actors,
                     batch_size=inf.batch_size, cpus_per_actor=inf.cpus_per_actor,
-                    gpus_per_actor=inf.gpus_per_actor, max_new_tokens=inf.max_new_tokens, temperature=inf.temperature)
+                    gpus_per_actor=inf.gpus_per_actor, max_new_tokens=inf.max_new_tokens, temperature=inf.temperature,
+                    keys=keys)
     answers = {}
     for row in preds.select_columns(["key", "answer", "pred_class", "class_correct", "iou", "well_formed"]).iter_rows():
         answers[row["key"]] = row
@@ -206,6 +218,8 @@ def build_reflect_shards(cfg: AuroraConfig, sft_dir: Path, layout: RunLayout) ->
         files = shards.split_files(layout.shards, ["train"])
         for f in files:
             table = pq.read_table(f)
+            if keys is not None:
+                table = table.filter(pc.is_in(table["key"], value_set=pa.array(keys, pa.string())))
             targets = []
             for key, uid, cot in zip(table["key"].to_pylist(), table["uid"].to_pylist(), table["cot"].to_pylist()):
                 a = answers.get(key)
@@ -308,51 +322,73 @@ def evaluate(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Pat
              splits: list[str] | None = None) -> dict[str, Any]:
     """The benchmark's metrics of one exported model on the test splits (``<run>/eval/<name>/results.json``);
     results newer than the export are reused."""
+    name = name or Path(model).name
+    return evaluate_models(cfg, tracker, parent, {name: Path(model)}, splits)[name]
+
+
+def evaluate_models(cfg: AuroraConfig, tracker: Tracker, parent: str | None, models: dict[str, Path],
+                    splits: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` for several exports {name: export}: those whose results are older than the
+    export (or missing) are evaluated, together in one pass over the data with ``eval.together``
+    (each predictor actor holds all of them), one after the other without; each has its own MLflow run."""
     import json as _json
 
-    from aurora_core.evaluate import evaluate as run_eval
-    from aurora_core.evaluate import scoring
+    from aurora_core.evaluate import EvalTarget, evaluate_many, scoring
     from aurora_core.runtime import init_ray
     from aurora_core.tracking import RunLogger
 
     layout = RunLayout(cfg)
-    model = Path(model)
-    if not is_export(model):
-        raise FileNotFoundError(f"{model} is not an exported model (no aurora.json)")
-    name = name or model.name
     splits = list(splits or cfg.eval_splits)
-    out = layout.dir / "eval" / name
-    res = out / "results.json"
-    if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
-        cached = _json.loads(res.read_text())
-        e, sc = cfg.eval, scoring(cfg)
-        if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached and cached.get("no_seg") == e.no_seg
-                and cached.get("ablate") == e.ablate
-                and (cached.get("protocol_batch_clips"), cached.get("score_size"), cached.get("j_threshold"))
-                == (sc.batch_clips, sc.score_size, sc.j_threshold)):
-            print(f"[eval] {name}: results at {res} are newer than the model: reused")
-            cached.update(protocol=e.protocol, table=cached["tables"][e.protocol])
-            return cached
-    require_shards(layout)
-    init_ray(cfg)
-    child = open_stage_run(tracker, parent, f"eval-{name}", cfg)
-    logger = RunLogger(tracker.uri if tracker.enabled else None, child)
-    logger.tag("aurora.model", str(model))
-    try:
-        result = run_eval(cfg, model, layout.shards, out, splits, name, logger)
-    except BaseException:
-        tracker.finish(child, "FAILED")
-        raise
-    tracker.finish(child)
-    print(f"[eval] {name}: {result['seconds']:.0f}s, results in {res}")
-    return result
+    e, sc = cfg.eval, scoring(cfg)
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, Path]] = []
+    for name, model in models.items():
+        model = Path(model)
+        if not is_export(model):
+            raise FileNotFoundError(f"{model} is not an exported model (no aurora.json)")
+        res = layout.dir / "eval" / name / "results.json"
+        if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
+            cached = _json.loads(res.read_text())
+            if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached and cached.get("no_seg") == e.no_seg
+                    and cached.get("ablate") == e.ablate
+                    and (cached.get("protocol_batch_clips"), cached.get("score_size"), cached.get("j_threshold"))
+                    == (sc.batch_clips, sc.score_size, sc.j_threshold)):
+                print(f"[eval] {name}: results at {res} are newer than the model: reused")
+                results[name] = dict(cached, protocol=e.protocol, table=cached["tables"][e.protocol])
+                continue
+        todo.append((name, model))
+    if todo:
+        require_shards(layout)
+        init_ray(cfg)
+        groups = [todo] if e.together else [[t] for t in todo]
+        for group in groups:
+            targets, children = [], {}
+            for name, model in group:
+                children[name] = open_stage_run(tracker, parent, f"eval-{name}", cfg)
+                logger = RunLogger(tracker.uri if tracker.enabled else None, children[name])
+                logger.tag("aurora.model", str(model))
+                targets.append(EvalTarget(name, model, layout.dir / "eval" / name, logger))
+            try:
+                out = evaluate_many(cfg, targets, layout.shards, splits)
+            except BaseException:
+                for child in children.values():
+                    tracker.finish(child, "FAILED")
+                raise
+            for t in targets:
+                tracker.finish(children[t.name])
+                print(f"[eval] {t.name}: {out[t.name]['seconds']:.0f}s"
+                      f"{f' (one pass for {len(targets)} models)' if len(targets) > 1 else ''}, results in "
+                      f"{t.out_dir / 'results.json'}")
+            results.update(out)
+    return {name: results[name] for name in models}
 
 
-def evaluate_unreferenced(cfg: AuroraConfig, tracker: Tracker, parent: str | None, model: Path, subset: str,
-                          name: str | None = None) -> dict[str, Any]:
-    """Zero-shot AVSBench metrics (``subset`` s4 | ms3, its test split) of an export trained on the
-    run's data: the run's config with the data swapped (:meth:`AuroraConfig.for_unreferenced`),
+def evaluate_unreferenced(cfg: AuroraConfig, tracker: Tracker, parent: str | None, models: dict[str, Path],
+                          subset: str) -> dict[str, dict[str, Any]]:
+    """Zero-shot AVSBench metrics (``subset`` s4 | ms3, its test split) of exports {name: export}
+    trained on the run's data: the run's config with the data swapped (:meth:`AuroraConfig.for_unreferenced`),
     shards prepared if missing; results in ``<run>/eval/<name>-avsbench-<subset>/``."""
     ucfg = cfg.for_unreferenced(subset)
     prepare(ucfg)
-    return evaluate(ucfg, tracker, parent, model, f"{name or Path(model).name}-avsbench-{subset}")
+    out = evaluate_models(ucfg, tracker, parent, {f"{n}-avsbench-{subset}": Path(m) for n, m in models.items()})
+    return {n: out[f"{n}-avsbench-{subset}"] for n in models}

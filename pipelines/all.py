@@ -28,12 +28,13 @@ def run_all(cfg) -> dict:
         stages.sft(cfg, tracker, parent)
         stages.reflect(cfg, tracker, parent)
         stages.grpo(cfg, tracker, parent)
-        results = {s: stages.evaluate(cfg, tracker, parent, layout.export(s), s) for s in stages.STAGES}
+        exports = {s: layout.export(s) for s in stages.STAGES}
+        results = stages.evaluate_models(cfg, tracker, parent, exports)
         # zero-shot unreferenced segmentation (the paper's generalisation claim); not when the run
         # trains on AVSBench itself (its own table above is then the AVSBench one)
         subsets = cfg.unreferenced.subsets if cfg.data.subset is None else []
-        unref = {s: {u: stages.evaluate_unreferenced(cfg, tracker, parent, layout.export(s), u) for u in subsets}
-                 for s in stages.STAGES} if subsets else {}
+        per_subset = {u: stages.evaluate_unreferenced(cfg, tracker, parent, exports, u) for u in subsets}
+        unref = {s: {u: per_subset[u][s] for u in subsets} for s in stages.STAGES} if subsets else {}
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise

@@ -11,6 +11,7 @@ worst clips to MLflow.
 """
 
 import sys
+from pathlib import Path
 
 from aurora_core import cli, stages
 from aurora_core.evaluate import scoring, table_title
@@ -35,7 +36,8 @@ def main() -> int:
     parent = tracker.parent("evaluate", stages.params_of(cfg))
     try:
         if args.subset:
-            result = stages.evaluate_unreferenced(cfg, tracker, parent, args.model, args.subset, args.name)
+            name = args.name or Path(args.model).name
+            result = stages.evaluate_unreferenced(cfg, tracker, parent, {name: Path(args.model)}, args.subset)[name]
             cfg = cfg.for_unreferenced(args.subset)
         else:
             result = stages.evaluate(cfg, tracker, parent, args.model, args.name,

@@ -27,6 +27,16 @@ SMALL_DATA = [
 ]
 
 
+# The model, Ray Data and GRPO unit tests run the frozen encoders in the forward (the path of a real
+# config without the cache); the chain tests (test_train_stages.py) and test_feature_cache.py run the
+# tiny default as it is, its encoders' outputs read from the frozen-feature cache.
+NO_CACHE = ["data.cache_frozen_features=false", "data.cache_towers=false"]
+# Every ZeRO-3 run of the tests partitions every tiny parameter (configs/tiny.yaml keeps them whole:
+# zero3.json's threshold), so that the gathers of partitioned weights are exercised.
+ZERO3_GATHERS = ["train.deepspeed_config=configs/deepspeed/zero3-tiny.json",
+                 "grpo.deepspeed_config=configs/deepspeed/zero3-tiny.json"]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that needs it (starting Ray costs ~5 s)."""
@@ -52,7 +62,8 @@ def small_cfg(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     # LoRA on, as in the real-model configs: the model, rollout and learner tests check its wiring. The
     # chain tests (test_train_stages.py) run the tiny default as it is, its whole LLM training.
-    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + ["model.lora.enabled=true", f"run.root={root}"])
+    return load_config(ROOT / "configs" / "tiny.yaml",
+                       SMALL_DATA + NO_CACHE + ZERO3_GATHERS + ["model.lora.enabled=true", f"run.root={root}"])
 
 
 @pytest.fixture(scope="session")

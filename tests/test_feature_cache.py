@@ -1,5 +1,6 @@
-"""data.cache_frozen_features: SAM image embeddings computed once per distinct clip by a Ray Data
-actor pool, stored beside the shards, and read by the decoders instead of running SAM's encoder."""
+"""data.cache_frozen_features: SAM image embeddings (and, with data.cache_towers, the audio and vision
+towers' outputs) computed once per distinct clip by a Ray Data actor pool, stored beside the shards,
+and read by the decoders instead of running the frozen encoders."""
 
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ def sam_dir(tmp_path_factory, small_cfg):
 
 
 def _cfg(small_cfg, sam_dir, *extra):
+    """A SAM checkpoint on disk, its embeddings cached (not the towers': the real configs' setting)."""
     return load_config(ROOT / "configs" / "tiny.yaml",
                        SMALL_DATA + [f"run.root={small_cfg.run.root}", f"model.sam_path={sam_dir}",
-                                     "data.cache_frozen_features=true", *extra])
+                                     "data.cache_frozen_features=true", "data.cache_towers=false", *extra])
 
 
-def test_cache_needs_a_sam_checkpoint(tmp_path):
-    with pytest.raises(ConfigError, match="data.cache_frozen_features needs model.sam_path"):
-        load_config(ROOT / "configs" / "tiny.yaml", ["data.cache_frozen_features=true"])
+def test_towers_are_cached_only_with_the_cache(tmp_path):
+    with pytest.raises(ConfigError, match="data.cache_towers needs data.cache_frozen_features=true"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["data.cache_frozen_features=false"])
 
 
 def test_each_clip_is_embedded_once_and_the_model_reads_the_cache(ray_session, small_cfg, small_shards, sam_dir):
@@ -86,7 +88,7 @@ def test_a_cache_of_another_sam_is_refused_and_a_missing_clip_named(small_cfg, s
     from transformers import SamModel
 
     cfg = _cfg(small_cfg, sam_dir)
-    fp = feature_cache.sam_fingerprint(cfg.model, cfg.data)
+    fp = feature_cache.fingerprint(cfg)
     root = tmp_path / "cache"
     root.mkdir()
     (root / "manifest.json").write_text(json.dumps({"fingerprint": fp}))
@@ -96,11 +98,58 @@ def test_a_cache_of_another_sam_is_refused_and_a_missing_clip_named(small_cfg, s
     cfg2 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sam_path=str(other)),
                                data=dataclasses.replace(cfg.data, frozen_features_dir=str(root)))
     assert feature_cache.cache_dir(cfg2) == root
-    with pytest.raises(ValueError, match="made with other settings.*files"):
+    with pytest.raises(ValueError, match="made with other settings.*sam"):
         feature_cache.ensure(cfg2, small_shards)
     # a different SAM without a pinned directory gets its own directory
     assert feature_cache.cache_dir(dataclasses.replace(cfg2, data=cfg.data)) != feature_cache.cache_dir(cfg)
 
     table = pq.read_table(shards.split_files(small_shards, ["val"])).slice(0, 1)
-    with pytest.raises(FileNotFoundError, match=f"row {table['key'][0]}: its clip has no SAM embeddings"):
-        feature_cache.read(root, table["frames"].to_pylist(), table["key"].to_pylist())
+    with pytest.raises(FileNotFoundError, match=f"row {table['key'][0]}: its clip has no frozen features"):
+        feature_cache.read(root, table["clip"].to_pylist(), table["key"].to_pylist())
+
+
+def test_the_tiny_default_caches_every_frozen_encoder(ray_session, small_cfg, small_shards, tmp_path):
+    """configs/tiny.yaml: the seeded random SAM and towers (no checkpoint files) fingerprinted by their
+    weights; the decoders then hand the model all three outputs and no processor or encoder runs;
+    a read without the frame and audio bytes (shards.read_shards) is enough for the model."""
+    from aurora_core import stages
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + [f"run.root={small_cfg.run.root}"])
+    assert cfg.data.cache_frozen_features and cfg.data.cache_towers and cfg.model.sam_path is None
+    stages.require_shards(stages.RunLayout(cfg))
+    root = cfg.data.frozen_features_dir
+    assert "sam+towers-" in root
+    # another init seed is other weights, hence another directory
+    other = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, tiny=dataclasses.replace(cfg.model.tiny, init_seed=cfg.model.tiny.init_seed + 1)),
+        data=dataclasses.replace(cfg.data, frozen_features_dir=None))
+    assert feature_cache.cache_dir(other) != feature_cache.cache_dir(dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, frozen_features_dir=None)))
+
+    model, proc = build_model(cfg.model, cfg.data)
+    model.eval()
+    plain = decoded_rows(small_shards, "test_s", 2, cfg.data)
+    cached = decoded_rows(small_shards, "test_s", 2, cfg.data, features_dir=root)
+    want = model.frozen_features(proc.prompt_batch(plain))
+    for key, ref in (("audio_features", want.audio), ("video_features", want.video),
+                     ("sam_embeddings", want.image_embeddings)):
+        assert cached[key].dtype == torch.float16
+        torch.testing.assert_close(cached[key].float(), ref, atol=0.05, rtol=2e-3)
+    calls = []
+    for m in (model.thinker.model.audio_tower, model.thinker.model.visual, model.sam.vision_encoder):
+        m.register_forward_hook(lambda *a: calls.append(1))
+    inp = proc.train_batch(cached, list(cached["cot"]))
+    assert inp.input_features.shape[-1] == 0 and inp.pixel_values_videos.shape[0] == 0
+    out_c = model(inp)
+    assert not calls
+    out_p = model(proc.train_batch(plain, list(plain["cot"])))
+    torch.testing.assert_close(out_c.mask_logits, out_p.mask_logits, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out_c.logits, out_p.logits, atol=2e-2, rtol=2e-2)
+
+    batch = shards.clip_dataset(small_shards, ["test_s"], cfg.data, batch_size=2).take_batch(2, batch_format="numpy")
+    assert "frames" not in batch and "audio" not in batch  # not even read
+    assert batch["video_features"].shape[:2] == (2, proc.num_video_tokens)
+    assert batch["audio_features"].shape[:2] == (2, proc.num_audio_tokens)
+    with_media = shards.clip_dataset(small_shards, ["test_s"], cfg.data, batch_size=2, media=True).take_batch(
+        2, batch_format="numpy")
+    assert with_media["frames"].shape[1] == cfg.data.num_frames

@@ -17,7 +17,7 @@ import torch
 from aurora_core import stages
 from aurora_core.config import load_config
 from aurora_core.model.build import build_model, is_export, save_export
-from conftest import ROOT, SMALL_DATA, decoded_rows
+from conftest import NO_CACHE, ROOT, SMALL_DATA, ZERO3_GATHERS, decoded_rows
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ GRPO = ["grpo.max_new_tokens=24", "grpo.allow_truncation=true", "grpo.rollout_ac
 
 def cfg_for(root, shards_dir, *extra):
     return load_config(ROOT / "configs" / "tiny.yaml",
-                       SMALL_DATA + GRPO + ["model.lora.enabled=true",  # as small_cfg, which built the exports
+                       SMALL_DATA + NO_CACHE + ZERO3_GATHERS + GRPO + ["model.lora.enabled=true",  # as small_cfg, which built the exports
                                             f"run.root={root}", f"data.shards={shards_dir}", *extra])
 
 

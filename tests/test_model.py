@@ -319,3 +319,43 @@ def test_ablated_prompts_take_away_one_input(built, batch):
     assert not torch.equal(video.pixel_values_videos, real.pixel_values_videos)
     assert torch.equal(video.sam_pixel_values, real.sam_pixel_values) and torch.equal(video.input_ids, real.input_ids)
     assert ablated_prompts(proc, batch, None).input_ids.equal(real.input_ids)
+
+
+def test_a_reflective_context_is_read_but_not_trained_on(built, batch):
+    """The reflect stage's own reasoning sits between prompt and answer with no labels."""
+    from aurora_core import reasoning
+
+    model, proc = built
+    own = "Step 1: In the frames I see a bell. The target is bell."
+    answers = [f" {reasoning.REFLECT_TRIGGER} {c}" for c in batch["cot"]]
+    plain = proc.train_batch(batch, answers)
+    ctx = proc.train_batch(batch, answers, [own] * len(answers))
+    n_own = len(proc.tok(own, add_special_tokens=False).input_ids)
+    assert ctx.input_ids.shape[1] == plain.input_ids.shape[1] + n_own
+    assert (ctx.labels != losses.IGNORE_INDEX).sum() == (plain.labels != losses.IGNORE_INDEX).sum()
+    first = int((ctx.labels[0] != losses.IGNORE_INDEX).nonzero()[0])
+    assert proc.tok.decode(ctx.input_ids[0, first - n_own:first]) == proc.tok.decode(
+        proc.tok(own, add_special_tokens=False).input_ids)
+
+
+def test_masks_of_some_frames_only(built, batch, small_cfg):
+    """StageConfig.mask_frames: the decoder runs on the drawn frames, the same masks as on all of them."""
+    from dataclasses import replace
+
+    from aurora_core.train.loop import mask_frames
+
+    model, proc = built
+    model.eval()
+    st = replace(small_cfg.sft, mask_frames=3)
+    n, t = len(batch["key"]), small_cfg.data.num_frames
+    frames = mask_frames(st, (n, t), seed=0, rank=0, step=5)
+    assert frames.shape == (n, 3) and (frames.diff(dim=1) > 0).all()
+    assert torch.equal(frames, mask_frames(st, (n, t), seed=0, rank=0, step=5))  # a resumed run draws the same
+    assert not torch.equal(frames, mask_frames(st, (n, t), seed=0, rank=1, step=5))
+    assert mask_frames(replace(st, mask_frames=0), (n, t), 0, 0, 5) is None
+    inp = proc.train_batch(batch, batch["cot"])
+    with torch.no_grad():
+        every = model(inp).mask_logits
+        some = model(inp, mask_frames=frames).mask_logits
+    assert some.shape == (n, 3, *every.shape[2:])
+    torch.testing.assert_close(some, every[torch.arange(n)[:, None], frames], atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ from aurora_core.train.audit import committed_samples, restarts
 from aurora_core.data.shards import split_keys
 from aurora_core.data.synthetic import CATEGORIES
 from aurora_core.train.epochs import left_out
-from conftest import ROOT, SMALL_DATA, decoded_rows
+from conftest import ROOT, SMALL_DATA, ZERO3_GATHERS, decoded_rows
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ CHAIN_RL = ["grpo.steps=2", "grpo.max_new_tokens=40", "grpo.allow_truncation=tru
 
 
 def cfg_for(root: Path, *extra: str):
-    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + TRAIN + [f"run.root={root}", *extra])
+    return load_config(ROOT / "configs" / "tiny.yaml", SMALL_DATA + ZERO3_GATHERS + TRAIN + [f"run.root={root}", *extra])
 
 
 def expected_epoch(cfg, shards_dir, epoch: int) -> set[str]:
@@ -165,6 +165,19 @@ def test_evaluation_results_and_table(chain):
         assert len({a["key"] for a in answers}) == len(answers) > len({a["uid"] for a in answers})
     written = (layout.dir / "results_table.txt").read_text()
     assert written.startswith(out["table"].strip()) and "split protocol" in written
+
+
+def test_one_pass_for_every_stage_scores_as_one_pass_each(chain):
+    """eval.together (the tiny default): one predictor pass answering with all four exports gives each
+    the results it gets evaluated alone."""
+    cfg, out, tracker = chain
+    layout = stages.RunLayout(cfg)
+    assert cfg.eval.together
+    alone = stages.evaluate(cfg, tracker, None, layout.export("sft"), "sft-alone")
+    together = out["results"]["sft"]
+    assert alone["splits"] == together["splits"] and alone["tables"] == together["tables"]
+    answers = [(layout.dir / "eval" / n / "answers.jsonl").read_text() for n in ("sft", "sft-alone")]
+    assert answers[0] == answers[1]
 
 
 def test_unreferenced_zero_shot_table(chain):

@@ -39,8 +39,8 @@ from aurora_core.data.refavs import BadRow, cot_for, read_cot, resolve_cot
 log = logging.getLogger(__name__)
 
 # 2: row keys and metadata lines (duplicated uids of the real release); 3: kind; 4: gt_frames and
-# AVSBench shard sets (manifest: benchmark, subset, splits)
-SCHEMA_VERSION = 4
+# AVSBench shard sets (manifest: benchmark, subset, splits); 5: clip (the content address)
+SCHEMA_VERSION = 5
 SCHEMA = pa.schema([
     ("key", pa.string()),  # unique row key: the uid, or <uid>#<csv line> for a uid's later rows
     ("line", pa.int32()),  # line in metadata.csv (header = 1): the official evaluation order
@@ -55,7 +55,24 @@ SCHEMA = pa.schema([
     ("kind", pa.string()),  # what the expression asks (synthetic: category/position/sound/time/combo/null;
     #                         AVSBench: s4 / ms3), or ""
     ("height", pa.int32()), ("width", pa.int32()),  # of frame 0, as released
+    ("clip", pa.string()),  # sha256 of the frames' and the audio's bytes (clip_id): the frozen-feature cache's key
 ])
+# what a decoder needs to read when the frozen-feature cache holds every encoder's output
+# (data.cache_towers): no frame or audio bytes (the audio is ~90 % of a synthetic shard's bytes)
+MEDIA_COLUMNS = ("frames", "audio")
+
+
+def clip_id(frames: Iterable[bytes], audio: bytes) -> str:
+    """The content address of a clip: sha256 over its frames' and its audio's bytes (each length-prefixed).
+    Rows of one video (a Ref-AVS video has ~5 expressions) share it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in [*frames, audio]:
+        b = bytes(b)
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
 
 
 @dataclass
@@ -111,6 +128,7 @@ def _convert_chunk(loader, rows: list, idx: int, out: str, lenient: bool) -> Chu
             quarantined.append(entry)
             continue
         from_vid += rec.pop("media_from_vid")
+        rec["clip"] = clip_id(rec["frames"], rec["audio"])
         by_split.setdefault(rec["split"], []).append(rec)
     for split, recs in by_split.items():
         (Path(out) / split).mkdir(exist_ok=True)
@@ -300,15 +318,29 @@ def decode_frames(images: list[bytes], size: int):
     return TF.resize(torch.stack(imgs), [size, size], antialias=True)
 
 
+def decode_audio(wav_bytes: bytes, sample_rate: int, audio_seconds: float, row: str) -> np.ndarray:
+    """A row's WAV bytes -> float32 [audio_seconds x sample_rate], zero-padded or cut."""
+    import soundfile as sf
+
+    n = int(round(audio_seconds * sample_rate))
+    wav, sr = sf.read(io.BytesIO(wav_bytes), dtype="float32")
+    if sr != sample_rate:
+        raise ValueError(f"row {row}: audio at {sr} Hz, expected data.sample_rate={sample_rate}; "
+                         "re-run prepare_data with this sample rate")
+    out = np.zeros(n, dtype=np.float32)
+    out[: min(n, len(wav))] = wav[:n]
+    return out
+
+
 def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int, sample_rate: int,
                  audio_seconds: float, score_size: int = 0, features_dir: str | None = None) -> dict[str, np.ndarray]:
     """Shard rows -> fixed-shape arrays: frames uint8 [B,T,3,S,S], masks uint8 [B,T,S,S] (0/1),
     gt_frames bool [B,T] (the frame has a ground-truth mask; an empty mask stands in where not),
     audio float32 [B,L] at ``sample_rate`` padded/cut to ``audio_seconds``; with ``score_size`` also
     score_masks uint8 [B,T,Z,Z] (0/1): the ground truth as the official Ref-AVS loader prepares it
-    for scoring (:func:`aurora_core.metrics.official_gt_resize`); with ``features_dir`` (the SAM
-    embedding cache, ``data.features_dir``) also sam_embeddings float16 [B,T,D,e,e]."""
-    import soundfile as sf
+    for scoring (:func:`aurora_core.metrics.official_gt_resize`); with ``features_dir`` (the
+    frozen-feature cache, ``data.features_dir``) also sam_embeddings float16 [B,T,D,e,e] and, when it
+    holds the towers' outputs, audio_features [B,na,H] and video_features [B,nv,H]."""
     import torch
     from torchvision.io import decode_png
     from torchvision.transforms.v2 import InterpolationMode
@@ -316,18 +348,21 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
 
     n = len(batch["uid"])
     S, L = frame_size, int(round(audio_seconds * sample_rate))
-    frames = np.empty((n, num_frames, 3, S, S), dtype=np.uint8)
+    media = "frames" in batch  # read without MEDIA_COLUMNS: the model reads the frozen-feature cache only
+    frames = np.empty((n, num_frames, 3, S, S), dtype=np.uint8) if media else None
     masks = np.empty((n, num_frames, S, S), dtype=np.uint8)
-    audio = np.zeros((n, L), dtype=np.float32)
+    audio = np.zeros((n, L), dtype=np.float32) if media else None
     gt_frames = np.ones((n, num_frames), dtype=bool)
     score_masks = np.empty((n, num_frames, score_size, score_size), dtype=np.uint8) if score_size else None
     for i in range(n):
-        jpgs, pngs = list(batch["frames"][i]), list(batch["masks"][i])
+        pngs = list(batch["masks"][i])
+        jpgs = list(batch["frames"][i]) if media else pngs
         if len(jpgs) != num_frames or len(pngs) != num_frames:
             raise ValueError(f"row {batch['uid'][i]}: {len(jpgs)} frames / {len(pngs)} masks, "
                              f"expected data.num_frames={num_frames}")
         gt_frames[i] = batch["gt_frames"][i]
-        frames[i] = decode_frames(jpgs, S).numpy()
+        if media:
+            frames[i] = decode_frames(jpgs, S).numpy()
         ms = torch.stack([decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in pngs])
         ms = TF.resize(ms, [S, S], interpolation=InterpolationMode.NEAREST)
         masks[i] = (ms[:, 0] > 0).numpy()
@@ -335,34 +370,48 @@ def decode_batch(batch: dict[str, np.ndarray], frame_size: int, num_frames: int,
             from aurora_core.metrics import official_gt_resize
 
             score_masks[i] = official_gt_resize(ms[:, 0], score_size).numpy()
-        wav, sr = sf.read(io.BytesIO(batch["audio"][i]), dtype="float32")
-        if sr != sample_rate:
-            raise ValueError(f"row {batch['uid'][i]}: audio at {sr} Hz, expected data.sample_rate={sample_rate}; "
-                             "re-run prepare_data with this sample rate")
-        audio[i, : min(L, len(wav))] = wav[:L]
-    out = {k: np.asarray(batch[k]) for k in ("key", "uid", "vid", "split", "class", "exp", "cot", "kind")}
+        if media:
+            audio[i] = decode_audio(batch["audio"][i], sample_rate, audio_seconds, batch["uid"][i])
+    out = {k: np.asarray(batch[k]) for k in ("key", "uid", "vid", "split", "class", "exp", "cot", "kind", "clip")}
     out.update(line=np.asarray(batch["line"], dtype=np.int64), has_target=np.asarray(batch["has_target"], dtype=bool),
-               frames=frames, masks=masks, gt_frames=gt_frames, audio=audio)
+               masks=masks, gt_frames=gt_frames)
+    if media:
+        out.update(frames=frames, audio=audio)
     if score_masks is not None:
         out["score_masks"] = score_masks
     if features_dir is not None:
         from aurora_core.data import feature_cache
 
-        out["sam_embeddings"] = feature_cache.read(features_dir, batch["frames"], batch["key"])
+        out.update(feature_cache.read(features_dir, batch["clip"], batch["key"]))
     if "epoch" in batch:  # added by the training pipeline (aurora_core.train.epochs)
         out["epoch"] = np.asarray(batch["epoch"])
     return out
 
 
-def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch_size: int = 16,
-                 shuffle_seed: int | None = None, rows_per_block: int | None = None, score_size: int = 0):
-    """A Ray Dataset of decoded, fixed-shape clips of the given splits (lazy, streaming).
-    ``rows_per_block`` re-cuts the blocks (one per shard file otherwise) so that a pool of N actors
-    downstream gets at least N blocks to work on; ``score_size`` adds the scoring masks (decode_batch)."""
+def read_shards(files: list[str], data: DataConfig, media: bool = False):
+    """``ray.data.read_parquet`` of shard files: every column, but the frame and audio bytes left out
+    when the frozen-feature cache holds every encoder's output (``data.cache_towers``) and ``media``
+    is not asked for (an evaluation that silences the audio or blanks the frames re-encodes them)."""
     import ray.data
 
+    cols = [f.name for f in SCHEMA if media or not data.cache_towers or f.name not in MEDIA_COLUMNS]
+    return ray.data.read_parquet(files, columns=cols, schema=pa.schema([SCHEMA.field(c) for c in cols]))
+
+
+def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch_size: int = 16,
+                 shuffle_seed: int | None = None, rows_per_block: int | None = None, score_size: int = 0,
+                 media: bool = False, keys: list[str] | None = None):
+    """A Ray Dataset of decoded, fixed-shape clips of the given splits (lazy, streaming); ``keys``:
+    only the rows with these keys. ``rows_per_block`` re-cuts the blocks (one per shard file
+    otherwise) so that a pool of N actors downstream gets at least N blocks to work on;
+    ``score_size`` adds the scoring masks (decode_batch); ``media``: decode frames and audio even
+    when the frozen-feature cache makes them unneeded."""
+    from ray.data.expressions import col
+
     splits = list(splits)
-    ds = ray.data.read_parquet(split_files(shards, splits), schema=SCHEMA)
+    ds = read_shards(split_files(shards, splits), data, media)
+    if keys is not None:
+        ds = ds.filter(expr=col("key").is_in(list(keys)))  # pushed down into the Parquet read
     if rows_per_block:
         ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     if shuffle_seed is not None:

@@ -254,11 +254,12 @@ def _describe_frames(objs: list[SynthObject]) -> str:
 
 
 def _describe_audio(objs: list[SynthObject]) -> str:
+    """What sounds, in order. The seconds are left out: no expression asks for them (time expressions
+    ask for the order), and spelling them out doubled the CoT's length (measured: 80 -> 45 tokens)."""
     sounding = sorted((o for o in objs if o.start is not None), key=lambda o: o.start)
     if not sounding:
         return "In the audio I hear nothing"
-    parts = [f"the {o.cat.name} from second {o.start} to second {o.end}" for o in sounding]
-    return "In the audio I hear " + " and then ".join(parts)
+    return "In the audio I hear " + " and then ".join(f"the {o.cat.name}" for o in sounding)
 
 
 def _join(parts: list[str]) -> str:
@@ -304,8 +305,12 @@ def make_expressions(objs: list[SynthObject], split: str, absent: list[Category]
     picked = [cands[i] for i in rng.permutation(len(cands))[:k]] if cands else []
     out: list[SynthExpression] = []
     for kind, exp, o, asks in picked:
-        if kind in ("sound", "time", "combo") and o.start is not None:
-            match = f"The {o.cat.name} makes a sound from second {o.start} to second {o.end}"
+        if kind == "sound":
+            match = f"The {o.cat.name} makes a sound"
+        elif kind == "time":
+            match = f"The {o.cat.name} sounds {'first' if o is sounding[0] else 'last'}"
+        elif kind == "combo" and o.start is not None:
+            match = f"The {o.cat.name} starts sounding after the {sounding[0].cat.name} stops"
         elif kind == "combo":
             match = f"The {o.cat.name} is silent and is {where(o)}"
         elif kind == "position":
@@ -515,8 +520,7 @@ def generate_avsbench(out: Path, data: DataConfig, syn: SyntheticConfig | None =
                     meta.append((name, len(sounding), category, split) if subset == "s4" else (name, split))
                     by_start = sorted(sounding, key=lambda k: objs[k].start)
                     if subset == "s4":
-                        o = objs[by_start[0]]
-                        match = f"The {o.cat.name} makes a sound from second {o.start} to second {o.end}"
+                        match = f"The {objs[by_start[0]].cat.name} makes a sound"
                     else:  # Step 2 already says when each sounds
                         match = "The " + " and the ".join(objs[k].cat.name for k in by_start) + " are making sounds"
                     cls = category if subset == "s4" else MS3_CLASS

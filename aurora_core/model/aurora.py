@@ -119,14 +119,20 @@ class AuroraModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, inputs: ModelInputs, with_masks: bool = True, seg_from: int = 0,
-                features: FrozenFeatures | None = None, logits_from: int | None = None) -> AuroraOutput:
+                features: FrozenFeatures | None = None, logits_from: int | None = None,
+                mask_frames: torch.Tensor | None = None) -> AuroraOutput:
         """``features``: the frozen encoders' outputs for these rows' clips when already computed
         (:meth:`frozen_features`); without them the towers and the SAM encoder run here.
+
+        ``mask_frames`` [B, k]: decode the masks of these frames of each row only (the supervised
+        stages' ``mask_frames``): mask_logits is then [B, k, S, S].
 
         ``logits_from``: logits only for positions from this column on (default: the position before
         the first answer label, or all without labels). The lm_head over a 150k-token vocabulary is
         the largest matmul of a real-width step and its logits the largest tensor (a 1,000-token
         prompt: 0.6 GB of fp32 logits per row), and no loss reads a prompt position's logits."""
+        if features is None and inputs.audio_features is not None:  # the batch carries them (data.cache_towers)
+            features = self.frozen_features(inputs)
         if logits_from is None:
             logits_from = inputs.answer_start() - 1 if inputs.labels is not None else 0
         logits_from = max(0, logits_from)
@@ -142,8 +148,13 @@ class AuroraModel(nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         seg = self.seg_proj(h) * has_seg[:, None].to(h.dtype)
         emb = features.image_embeddings if features is not None else inputs.sam_image_embeddings
+        pixels = inputs.sam_pixel_values
+        if mask_frames is not None:
+            rows = torch.arange(mask_frames.shape[0], device=mask_frames.device)[:, None]
+            emb = None if emb is None else emb[rows, mask_frames]
+            pixels = pixels[rows, mask_frames]
         emb = None if emb is None else emb.flatten(0, 1).to(self.seg_proj[0].weight.dtype)
-        masks = self.decode_masks(seg, inputs.sam_pixel_values, has_seg, emb) if with_masks else None
+        masks = self.decode_masks(seg, pixels, has_seg, emb) if with_masks else None
         return AuroraOutput(logits, seg, has_seg, masks, logits_from)
 
     def thinker_inputs(self, inputs: ModelInputs, features: FrozenFeatures | None = None) -> dict:
@@ -170,7 +181,12 @@ class AuroraModel(nn.Module):
         """The audio tower, the vision tower and the SAM image encoder (or the cached embeddings the
         batch carries) on each clip of ``inputs`` once, without activations kept (they are frozen),
         in chunks of at most ``encoder_batch`` frames (at least one clip) so memory does not grow
-        with the batch."""
+        with the batch. A batch read from the frozen-feature cache (``data.cache_towers``) carries
+        all three: nothing runs."""
+        dtype = self.seg_proj[0].weight.dtype
+        if inputs.audio_features is not None:
+            return FrozenFeatures(inputs.audio_features.to(dtype), inputs.video_features.to(dtype),
+                                  inputs.sam_image_embeddings.to(dtype))
         b, t = inputs.sam_pixel_values.shape[:2]
         per = max(1, self.encoder_batch // t)
         th = self.thinker.model
@@ -184,8 +200,7 @@ class AuroraModel(nn.Module):
         emb = inputs.sam_image_embeddings  # read from the cache (data.cache_frozen_features), stored in fp16
         if emb is None:
             emb = self.image_embeddings(inputs.sam_pixel_values).unflatten(0, (b, t))
-        emb = emb.to(self.seg_proj[0].weight.dtype)
-        return FrozenFeatures(torch.cat(audio), torch.cat(video), emb)
+        return FrozenFeatures(torch.cat(audio), torch.cat(video), emb.to(dtype))
 
     def image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, s, s] -> [B*T, D, e, e], ``encoder_batch`` frames per encoder call."""

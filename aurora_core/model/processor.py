@@ -83,6 +83,10 @@ class ModelInputs:
     prompt_length: int = 0  # for left-padded prompt batches: the answer starts here
     # [B, T, D, e, e] SAM image-encoder output read from the cache (data.cache_frozen_features), or None
     sam_image_embeddings: torch.Tensor | None = None
+    # [B, na, H] / [B, nv, H] the audio / vision towers' outputs read from the cache (data.cache_towers),
+    # or None; with them input_features and pixel_values_videos are empty ([B, 128, 0], [0, C*2*14*14])
+    audio_features: torch.Tensor | None = None
+    video_features: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -142,12 +146,22 @@ class AuroraProcessor:
                                              hop_length=model.audio_hop_length, n_fft=pre.n_fft)
         self.sam = sam_processor(model)
         self.second_per_grid = TEMPORAL_PATCH / model.video_fps
+        self.num_frames = data.num_frames
         # the vision tower groups frames in pairs: an odd count (AVSBench's 5) gets its last frame
         # repeated (as Qwen2VLVideoProcessor pads a short temporal patch); SAM still sees each frame once
         grid = -(-data.num_frames // TEMPORAL_PATCH) * (model.video_size // PATCH) ** 2
         self.num_video_tokens = grid // MERGE**2
         frames = int(round(data.audio_seconds * WHISPER_SAMPLE_RATE)) // model.audio_hop_length
         self.num_audio_tokens = ((frames - 1) // 2 + 1 - 2) // 2 + 1
+        # what the processors make of a clip's shape, for batches whose towers' outputs are cached
+        # (the placeholders' 3-D rope positions and audio lengths still need them): one blank clip
+        probe = self._processed({"frames": torch.zeros(1, data.num_frames, 3, data.frame_size, data.frame_size,
+                                                       dtype=torch.uint8),
+                                 "audio": [torch.zeros(int(round(data.audio_seconds * WHISPER_SAMPLE_RATE)))]})
+        self.audio_frames = probe["feature_attention_mask"].shape[1]
+        self.audio_mask_dtype = probe["feature_attention_mask"].dtype
+        self.video_grid = probe["video_grid_thw"][0]
+        self.video_patch_dim = probe["pixel_values_videos"].shape[-1]
         self.eos_id = token_id(tokenizer, CHAT_END)
         self.seg_id = token_id(tokenizer, SEG_TOKEN)
         self.pad_id = tokenizer.pad_token_id
@@ -180,7 +194,8 @@ class AuroraProcessor:
         return self.tok.decode(ids, skip_special_tokens=False).replace(self.tok.pad_token or "\0", "").strip()
 
     # ------------------------------------------------------------------ batches
-    def _media(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _processed(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The towers' inputs: Qwen2-VL video patches and Whisper log-mel features."""
         frames = batch["frames"]  # uint8 [B, T, 3, S, S]
         b, t = frames.shape[:2]
         video = frames if t % TEMPORAL_PATCH == 0 else torch.cat([frames, frames[:, -1:]], dim=1)
@@ -188,12 +203,23 @@ class AuroraProcessor:
         a = self.audio([x.numpy() if isinstance(x, torch.Tensor) else x for x in batch["audio"]],
                        sampling_rate=WHISPER_SAMPLE_RATE, return_attention_mask=True, padding="longest",
                        return_tensors="pt")
-        media = dict(input_features=a["input_features"], feature_attention_mask=a["attention_mask"],
-                     pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"],
-                     video_second_per_grid=torch.full((b,), self.second_per_grid))
+        return dict(input_features=a["input_features"], feature_attention_mask=a["attention_mask"],
+                    pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"])
+
+    def _media(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        b, t = len(batch["exp"]), self.num_frames
+        if "audio_features" in batch:  # the towers' outputs are cached: neither processor nor tower runs
+            media = dict(input_features=torch.empty(b, FIXED["feature_size"], 0),
+                         feature_attention_mask=torch.ones(b, self.audio_frames, dtype=self.audio_mask_dtype),
+                         pixel_values_videos=torch.empty(0, self.video_patch_dim),
+                         video_grid_thw=self.video_grid.repeat(b, 1),
+                         audio_features=batch["audio_features"], video_features=batch["video_features"])
+        else:
+            media = self._processed(batch)
+        media["video_second_per_grid"] = torch.full((b,), self.second_per_grid)
         if "sam_embeddings" in batch:  # cached: SAM's 1024-px pixels are neither made nor encoded
             return dict(media, sam_pixel_values=torch.empty(b, t, 0), sam_image_embeddings=batch["sam_embeddings"])
-        sam = self.sam(images=list(frames.flatten(0, 1)), return_tensors="pt")["pixel_values"]
+        sam = self.sam(images=list(batch["frames"].flatten(0, 1)), return_tensors="pt")["pixel_values"]
         return dict(media, sam_pixel_values=sam.reshape(b, t, *sam.shape[1:]))
 
     def prompt_batch(self, batch: dict[str, Any]) -> ModelInputs:
@@ -204,11 +230,14 @@ class AuroraProcessor:
         att = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs])
         return ModelInputs(input_ids=ids, attention_mask=att, prompt_length=n, **self._media(batch))
 
-    def train_batch(self, batch: dict[str, Any], answers: list[str]) -> ModelInputs:
-        """Prompt + answer per row, right-padded, labels on the answer tokens (and its end token)."""
+    def train_batch(self, batch: dict[str, Any], answers: list[str], contexts: list[str] | None = None) -> ModelInputs:
+        """Prompt + answer per row, right-padded, labels on the answer tokens (and its end token).
+        ``contexts``: text the answer continues, between prompt and answer and not trained on (the
+        reflect stage's own reasoning before its correction)."""
         rows, labels = [], []
-        for exp, ans, uid in zip(batch["exp"], answers, batch["uid"]):
-            p, a = self.prompt_ids(exp), self.answer_ids(ans, uid)
+        for i, (exp, ans, uid) in enumerate(zip(batch["exp"], answers, batch["uid"])):
+            c = self.tok(contexts[i], add_special_tokens=False).input_ids if contexts and contexts[i] else []
+            p, a = self.prompt_ids(exp) + c, self.answer_ids(ans, uid)
             rows.append(p + a)
             labels.append([IGNORE_INDEX] * len(p) + a)
         n = max(map(len, rows))

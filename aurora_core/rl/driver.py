@@ -37,11 +37,14 @@ log = logging.getLogger(__name__)
 
 CLIP_KEYS = ("key", "uid", "vid", "split", "class", "exp", "cot", "has_target", "frames", "masks", "gt_frames",
              "audio")
-CACHED_KEYS = ("sam_embeddings",)  # decoded only with data.cache_frozen_features
+# decoded only with data.cache_frozen_features (the towers' outputs with data.cache_towers, when
+# frames and audio are not read at all: shards.read_shards)
+CACHED_KEYS = ("sam_embeddings", "audio_features", "video_features")
+MEDIA_KEYS = ("frames", "audio")
 
 
 def clip_columns(batch: dict[str, np.ndarray]) -> list[str]:
-    return [*CLIP_KEYS, *(k for k in CACHED_KEYS if k in batch)]
+    return [k for k in (*CLIP_KEYS, *CACHED_KEYS) if k in batch or k not in (*CACHED_KEYS, *MEDIA_KEYS)]
 
 
 @dataclass

@@ -70,9 +70,7 @@ def _drop_fn(batch: pa.Table, rows: DropRows) -> pa.Table:
 
 def epoch_pipeline(files: list[str], data: DataConfig, epoch: int, seed: int, dropped: list[str],
                     resume_file: str | None, batch_size: int, shuffle: bool):
-    import ray.data
-
-    ds = ray.data.read_parquet(files, schema=shards.SCHEMA)
+    ds = shards.read_shards(files, data)
     if shuffle:
         # block order here, rows within a window in iter_torch_batches(local_shuffle_*): a full
         # random_shuffle is an all-to-all exchange that costs more than the tiny default's epoch

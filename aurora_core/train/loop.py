@@ -45,14 +45,22 @@ class StageSpec:
     stage_dir: str  # checkpoints, logs and side files of this stage
     init: str | None = None  # export to start from; None: a fresh model from the config
     distill: str | None = None  # Parquet row key -> teacher [SEG] embedding (SFT)
+    # reflective targets: the LM loss on the model's own reasoning too (False: only on the trigger and
+    # the correction that follow it; reflect.train_own_reasoning)
+    own_reasoning_trained: bool = True
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
 
 
-def targets(spec: StageSpec, batch: dict[str, Any]) -> list[str]:
+def targets(spec: StageSpec, batch: dict[str, Any]) -> tuple[list[str] | None, list[str]]:
+    """(contexts, answers) of a batch: what precedes each answer untrained (None: nothing) and the
+    answer trained on."""
     if spec.target == "direct":
-        return [reasoning.direct_answer(c) for c in batch["class"]]
-    return list(batch["cot"])
+        return None, [reasoning.direct_answer(c) for c in batch["class"]]
+    if not spec.own_reasoning_trained:  # reflect: the model's own reasoning is the context of its correction
+        split = [reasoning.split_reflective(t) for t in batch["cot"]]
+        return [c for c, _ in split], [a for _, a in split]
+    return None, list(batch["cot"])
 
 
 def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Tensor | None,
@@ -101,6 +109,16 @@ class EpochLine:
         return line + f" | {self.samples / max(self.seconds, 1e-9):.1f} samples/s | {memory_note}"
 
 
+def mask_frames(st: StageConfig, shape: tuple[int, int], seed: int, rank: int, step: int) -> torch.Tensor | None:
+    """``st.mask_frames`` frames of each of a batch's clips (``shape`` = (rows, frames)) for the mask
+    losses, drawn by a generator seeded by (seed, rank, step): a resumed run draws the same; None: all."""
+    b, t = shape
+    if not st.mask_frames or st.mask_frames >= t:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
+    return torch.stack([torch.randperm(t, generator=g)[:st.mask_frames].sort().values for _ in range(b)])
+
+
 def initial_model(cfg: AuroraConfig, spec: StageSpec):
     from aurora_core.model.build import build_model, load_export
 
@@ -132,15 +150,39 @@ class TorchCollate(NumpyBatchCollateFn):
         return shards.collate(batch)
 
 
-def _epochs_of_batches(st: StageConfig, first_epoch: int, seed: int, rank: int):
-    """This worker's batches of epochs first_epoch.. in order (each epoch is its own dataset shard)."""
-    import ray.train
+class EpochBatches:
+    """This worker's batches of epochs first_epoch.. in order (each epoch is its own dataset shard).
+    An epoch's Ray Data pipeline starts, and its first batch is fetched, in a thread ahead of its
+    turn: the first epoch's while the model is built and DeepSpeed initialised, each next one while
+    the epoch before trains (an epoch's start, ~5-20 s on 2 CPU cores, was a third of a tiny stage)."""
 
-    for e in range(first_epoch, st.epochs):
-        log.info("epoch %d: reading train_e%d", e + 1, e)
-        yield from ray.train.get_dataset_shard(f"train_e{e}").iter_torch_batches(
+    def __init__(self, st: StageConfig, first_epoch: int, seed: int, rank: int):
+        import concurrent.futures
+
+        self.st, self.first_epoch, self.seed, self.rank = st, first_epoch, seed, rank
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+        self.ahead = self.pool.submit(self._open, first_epoch) if first_epoch < st.epochs else None
+
+    def _open(self, e: int):
+        import ray.train
+
+        st = self.st
+        it = iter(ray.train.get_dataset_shard(f"train_e{e}").iter_torch_batches(
             batch_size=st.batch_size, collate_fn=TorchCollate(), local_shuffle_buffer_size=8 * st.batch_size,
-            local_shuffle_seed=seed * 1000 + e * 10 + rank)
+            local_shuffle_seed=self.seed * 1000 + e * 10 + self.rank))
+        return it, next(it, None)
+
+    def __iter__(self):
+        try:
+            for e in range(self.first_epoch, self.st.epochs):
+                log.info("epoch %d: reading train_e%d", e + 1, e)
+                it, head = self.ahead.result()
+                self.ahead = self.pool.submit(self._open, e + 1) if e + 1 < self.st.epochs else None
+                if head is not None:
+                    yield head
+                    yield from it
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -166,6 +208,19 @@ def train_worker(config: dict[str, Any]) -> None:
     total_steps = st.epochs * steps_per_epoch
     if st.max_steps:
         total_steps = min(total_steps, st.max_steps)
+    # the data position first: the training pipeline reads resume.json when it starts, and it starts
+    # now, while the model is built
+    restored = ray.train.get_checkpoint()
+    position = ckpt_io.TrainState(world_size=world)
+    if restored is not None:
+        with restored.as_directory() as d:
+            position = ckpt_io.read_state(Path(d))
+    stage_dir = Path(spec.stage_dir)
+    if rank == 0:
+        write_resume_file(stage_dir / "resume.json", position.epochs_done, position.consumed)
+    dist.barrier()
+    batches = EpochBatches(st, position.epochs_done, cfg.run.seed, rank)
+
     opt = zero3.Optimization.for_stage(st, total_steps)
     ds_cfg = zero3.deepspeed_config(cfg.train.deepspeed_config, opt, bf16)
     with zero3.partitioned_build(ds_cfg, cfg.model.zero_init):
@@ -177,16 +232,11 @@ def train_worker(config: dict[str, Any]) -> None:
     log.info("engine ready: %d optimizer steps planned (%d per epoch)", total_steps, steps_per_epoch)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
-    state = ckpt_io.TrainState(world_size=world)
-    restored = ray.train.get_checkpoint()
+    state = position
     if restored is not None:
         with restored.as_directory() as d:
             state = ckpt_io.load(engine, scheduler, Path(d), rank, world)
         log.info("resumed at step %d (%d epochs done)", state.global_step, state.epochs_done)
-    stage_dir = Path(spec.stage_dir)
-    if rank == 0:
-        write_resume_file(stage_dir / "resume.json", state.epochs_done, state.consumed)
-    dist.barrier()  # the training pipeline reads resume.json when it starts: after this point
 
     teacher = load_distill_targets(spec.distill) if (spec.distill and st.distill_weight > 0) else None
     logger = RunLogger(spec.tracking_uri, spec.mlflow_run_id if rank == 0 else None)
@@ -224,8 +274,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 batch_size=st.batch_size, collate_fn=TorchCollate()):
             if cap is not None and sums[4] >= cap:
                 continue  # keep consuming: every rank must see its whole share
-            answers = targets(spec, batch)
-            inp = proc.train_batch(batch, answers).to(device, dtype)
+            contexts, answers = targets(spec, batch)
+            inp = proc.train_batch(batch, answers, contexts).to(device, dtype)
             with torch.no_grad():
                 out = engine(inp)
                 t = loss_terms(out, inp, batch["masks"].to(device), st, None, batch["gt_frames"])
@@ -236,10 +286,7 @@ def train_worker(config: dict[str, Any]) -> None:
             acc.update(out.mask_logits.flatten(0, 1).float().cpu()[valid], batch["masks"].flatten(0, 1)[valid])
             if rank == 0 and len(overlays) < cfg.train.overlay_clips:
                 for i in range(min(n, cfg.train.overlay_clips - len(overlays))):
-                    pred = out.mask_logits[i].float().cpu()
-                    overlays.append((batch["key"][i], mask_overlay_png(
-                        batch["frames"][i], pred, batch["masks"][i], expression=batch["exp"][i],
-                        answer=f"(teacher-forced target) {answers[i]}", iou=mask_iou(pred, batch["masks"][i]))))
+                    overlays.append((batch["key"][i], out.mask_logits[i].float().cpu(), answers[i]))
         parts: list[Any] = [None] * world
         dist.all_gather_object(parts, (sums, acc))
         total = sum(p[0] for p in parts)
@@ -250,8 +297,14 @@ def train_worker(config: dict[str, Any]) -> None:
         n = max(1.0, float(total[4]))
         m = {"val/loss": total[0] / n, "val/lm": total[1] / n, "val/bce": total[2] / n, "val/dice": total[3] / n,
              "val/J": merged.compute()["J"] if merged.num_frames else float("nan"), "val/rows": float(total[4])}
-        for key, png in overlays:
-            logger.png(png, f"overlays/epoch{epoch}/{key}.png")
+        if overlays:  # the frames are read for these clips only (training batches may carry none)
+            clips = shards.rows_by_key(Path(spec.val_shards), [k for k, _, _ in overlays], ["val"], cfg.data)
+            for i, (key, pred, answer) in enumerate(overlays):
+                gt = torch.from_numpy(clips["masks"][i])
+                logger.png(mask_overlay_png(torch.from_numpy(clips["frames"][i]), pred, gt,
+                                            expression=str(clips["exp"][i]),
+                                            answer=f"(teacher-forced target) {answer}", iou=mask_iou(pred, gt)),
+                           f"overlays/epoch{epoch}/{key}.png")
         engine.train()
         return {k: float(v) for k, v in m.items()}
 
@@ -263,18 +316,23 @@ def train_worker(config: dict[str, Any]) -> None:
         epoch_line = EpochLine(spec.stage, st.epochs)
         t_step, t_data, t_wait = time.time(), 0.0, time.time()
         log.info("training from step %d to %d", state.global_step, total_steps)
-        for batch in _epochs_of_batches(st, state.epochs_done, cfg.run.seed, rank):
+        for batch in batches:
             t_data += time.time() - t_wait
-            answers = targets(spec, batch)
-            inp = proc.train_batch(batch, answers).to(device, dtype)
+            contexts, answers = targets(spec, batch)
+            inp = proc.train_batch(batch, answers, contexts).to(device, dtype)
             tt = None
             if teacher is not None:
                 missing = [k for k in batch["key"] if k not in teacher]
                 if missing:
                     raise KeyError(f"no teacher [SEG] embedding for {missing[:3]} in {spec.distill}")
                 tt = torch.tensor(np.stack([teacher[k] for k in batch["key"]]), device=device)
-            out = engine(inp)
-            t = loss_terms(out, inp, batch["masks"].to(device), st, tt, batch["gt_frames"])
+            frames = mask_frames(st, batch["masks"].shape[:2], cfg.run.seed, rank, engine.global_steps)
+            masks, gt_frames = batch["masks"], batch["gt_frames"]
+            if frames is not None:
+                rows = torch.arange(len(frames))[:, None]
+                masks, gt_frames = masks[rows, frames], gt_frames[rows, frames]
+            out = engine(inp, mask_frames=None if frames is None else frames.to(device))
+            t = loss_terms(out, inp, masks.to(device), st, tt, gt_frames)
             before = engine.global_steps
             lr = scheduler.get_last_lr()[0]  # the LR of the update this micro-batch may complete
             engine.backward(t["loss"])
