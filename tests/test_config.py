@@ -74,8 +74,8 @@ def test_weight_sync_mode_and_its_check():
 
 
 def test_grpo_length_limit_must_hold_the_answer():
-    with pytest.raises(ConfigError, match=r"grpo.max_new_tokens=150 is below model.max_answer_tokens=160"):
-        load_config(DEFAULT_CONFIG, ["grpo.max_new_tokens=150"])
+    with pytest.raises(ConfigError, match=r"grpo.max_new_tokens=110 is below model.max_answer_tokens=120"):
+        load_config(DEFAULT_CONFIG, ["grpo.max_new_tokens=110"])
     cfg = load_config(DEFAULT_CONFIG, ["grpo.max_new_tokens=40", "grpo.allow_truncation=true"])
     assert cfg.grpo.max_new_tokens == 40
     for bad in ("grpo.loss_agg=sum", "grpo.overlong=drop", "eval.no_seg=maybe", "eval.protocol=mine"):
