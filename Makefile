@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) pipelines/all.py run.root=$(RUN_ROOT)
 
+# two pytest processes, a test file each at a time (a module's fixtures stay in one process), the long
+# files first in the order tests/conftest.py gives
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -271,11 +271,16 @@ class TrainConfig:
     print_every_steps: int = 0  # a console line every N optimizer steps too (0: one line per epoch)
     sample_log: bool = True  # record the row keys of every step (audits exactly-once resumption)
     overlay_clips: int = 2  # validation clips drawn as mask overlays into MLflow each epoch
+    # Each epoch shuffles the order of its blocks (shard files) and then rows within a window of this
+    # many batches on each worker (Ray Data's local shuffle buffer; a full random_shuffle is an
+    # all-to-all exchange). Rows held in memory: this x batch_size per worker
+    shuffle_buffer_batches: int = 8
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker must be > 0")
         _check(self.max_failures >= 0, "train.max_failures must be >= 0")
+        _check(self.shuffle_buffer_batches >= 1, "train.shuffle_buffer_batches must be >= 1")
 
 
 @dataclass

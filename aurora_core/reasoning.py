@@ -105,13 +105,24 @@ _ENDS_WITH_ANSWER = re.compile(r"\bit is \[seg\]\s*\.$")
 
 
 _STEP = re.compile(r"\bstep (\d+)\s*:")
-LOOP_NGRAM, LOOP_REPEATS = 4, 3  # a 4-word sequence 3 times over is a loop, not reasoning
+LOOP_MAX_WORDS, LOOP_REPEATS = 8, 3  # a phrase of up to 8 words said 3 times back to back is a loop
+
+
+def loops(words: list[str]) -> bool:
+    """A phrase of 1..LOOP_MAX_WORDS words repeated LOOP_REPEATS times in a row ("the target is on the
+    target is on the target is on"), which a template-only model produces. Counting a 4-word phrase
+    anywhere in the answer instead also flagged answers that name one object in two steps ("a flute on
+    the left and a flute on the right ... there is a flute on the left")."""
+    for n in range(1, LOOP_MAX_WORDS + 1):
+        for i in range(len(words) - LOOP_REPEATS * n + 1):
+            if all(words[i + k * n:i + (k + 1) * n] == words[i:i + n] for k in range(1, LOOP_REPEATS)):
+                return True
+    return False
 
 
 def is_structured(final_low: str, well_formed: bool, has_class_sentence: bool) -> bool:
     """The structured CoT as the paper prescribes it: the markers ``Step 1:`` .. ``Step 4:`` in order and
-    each once, the answer sentences after them, no sentence said twice, and no phrase looping (the same
-    4 words 3 or more times), which a template-only model produces."""
+    each once, the answer sentences after them, no sentence said twice, and no phrase looping."""
     if not (well_formed and has_class_sentence):
         return False
     if [m.group(1) for m in _STEP.finditer(final_low)] != ["1", "2", "3", "4"]:
@@ -121,14 +132,7 @@ def is_structured(final_low: str, well_formed: bool, has_class_sentence: bool) -
     sentences = [x.strip() for x in _SENTENCE_SPLIT.split(final_low) if x.strip()]
     if len(set(sentences)) != len(sentences):
         return False
-    words = re.findall(r"[a-z0-9\-\[\]]+", final_low)
-    grams: dict[tuple[str, ...], int] = {}
-    for i in range(len(words) - LOOP_NGRAM + 1):
-        g = tuple(words[i:i + LOOP_NGRAM])
-        grams[g] = grams.get(g, 0) + 1
-        if grams[g] >= LOOP_REPEATS:
-            return False
-    return True
+    return not loops(re.findall(r"[a-z0-9\-\[\]]+", final_low))
 
 
 def normalize(text: str) -> str:

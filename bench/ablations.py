@@ -6,8 +6,10 @@ Variants (runs under ``<run.root>/ablation-*``; a rerun skips what is complete):
 
     full           teacher -> SFT (with distillation) -> reflect -> GRPO, evaluated
     -grpo          the full run's reflect export (no further training)
+    teacher, sft   the full run's teacher and SFT exports (stage for stage against sft -distillation)
     -reflect       GRPO started from the full run's SFT export
     -distillation  SFT without the distillation loss (sft.distill_weight=0), then reflect and GRPO
+    sft -distillation  that run's SFT export
     -audio         the full model evaluated on silence
     -video         ... with blank frames for the thinker (SAM keeps the real ones: eval.ablate)
     -text          ... with an empty expression
@@ -95,6 +97,9 @@ def main() -> int:
             return stages.evaluate(full, tracker, parent, layout.export("grpo"), "full")
         timed("full", run_full)
         timed("-grpo", lambda: stages.evaluate(full, tracker, parent, layout.export("reflect"), "no-grpo"))
+        # stage for stage, for the distillation claims: the teacher and SFT against SFT without distillation
+        timed("teacher", lambda: stages.evaluate(full, tracker, parent, layout.export("teacher"), "teacher"))
+        timed("sft", lambda: stages.evaluate(full, tracker, parent, layout.export("sft"), "sft"))
 
         no_reflect = cfg_of("noreflect", shared)
         no_reflect.tracking.experiment = "aurora-ablations"
@@ -113,6 +118,9 @@ def main() -> int:
             return stages.evaluate(no_distill, tracker, parent, stages.RunLayout(no_distill).export("grpo"),
                                    "no-distillation")
         timed("-distillation", run_no_distill)
+        timed("sft -distillation", lambda: stages.evaluate(no_distill, tracker, parent,
+                                                           stages.RunLayout(no_distill).export("sft"),
+                                                           "sft-no-distillation"))
 
         for what in ("audio", "video", "text"):
             ab = cfg_of("full", f"eval.ablate={what}")

@@ -65,6 +65,14 @@ def test_structure_rate_parser():
     assert not R.parse_answer("It is drum [SEG].").structured  # the teacher's direct answer
     twice = good.replace("Step 4:", "Step 3: I hear a drum from second 2 to second 5. Step 4:", 1)
     assert not R.parse_answer(twice).structured  # "Step 3" twice and a sentence said twice
+    # a phrase looping inside otherwise ordered steps; and an answer naming one object in two steps is not a loop
+    looping = good.replace("Step 2: I hear", "Step 2: I hear the drum and the drum and the drum and the drum and")
+    assert not R.parse_answer(looping).structured and R.loops("a b c a b c a b c".split())
+    assert not R.loops("a b c a b c x a b c".split())
+    same = ("step 1 : in the frames i see a flute on the left and a flute on the right . step 2 : in the audio i "
+            "hear the flute . step 3 : the reference asks for the flute . step 4 : there is a flute on the left . "
+            "the target is flute . it is [SEG] .")
+    assert R.parse_answer(same).structured
     # a reflective answer is judged by what it finally says
     assert R.parse_answer(R.reflective_answer("Step 1: nothing", good)).structured
     assert not R.parse_answer(R.reflective_answer(good, "Step 1: nothing")).structured

@@ -156,10 +156,11 @@ class EpochBatches:
     turn: the first epoch's while the model is built and DeepSpeed initialised, each next one while
     the epoch before trains (an epoch's start, ~5-20 s on 2 CPU cores, was a third of a tiny stage)."""
 
-    def __init__(self, st: StageConfig, first_epoch: int, seed: int, rank: int):
+    def __init__(self, st: StageConfig, first_epoch: int, seed: int, rank: int, shuffle_batches: int):
         import concurrent.futures
 
         self.st, self.first_epoch, self.seed, self.rank = st, first_epoch, seed, rank
+        self.shuffle_batches = shuffle_batches
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
         self.ahead = self.pool.submit(self._open, first_epoch) if first_epoch < st.epochs else None
 
@@ -168,7 +169,8 @@ class EpochBatches:
 
         st = self.st
         it = iter(ray.train.get_dataset_shard(f"train_e{e}").iter_torch_batches(
-            batch_size=st.batch_size, collate_fn=TorchCollate(), local_shuffle_buffer_size=8 * st.batch_size,
+            batch_size=st.batch_size, collate_fn=TorchCollate(),
+            local_shuffle_buffer_size=self.shuffle_batches * st.batch_size,
             local_shuffle_seed=self.seed * 1000 + e * 10 + self.rank))
         return it, next(it, None)
 
@@ -219,7 +221,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         write_resume_file(stage_dir / "resume.json", position.epochs_done, position.consumed)
     dist.barrier()
-    batches = EpochBatches(st, position.epochs_done, cfg.run.seed, rank)
+    batches = EpochBatches(st, position.epochs_done, cfg.run.seed, rank, cfg.train.shuffle_buffer_batches)
 
     opt = zero3.Optimization.for_stage(st, total_steps)
     ds_cfg = zero3.deepspeed_config(cfg.train.deepspeed_config, opt, bf16)
@@ -447,8 +449,8 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     datasets = train_datasets(train_files, keys, cfg.data, epochs=st.epochs, multiple=multiple, seed=cfg.run.seed,
                               resume_file=resume_file, batch_size=st.batch_size)
     if len(keys) % multiple:
-        log.info("%s: each epoch leaves out %d of %d train rows (a seeded choice per epoch) so that all %d "
-                 "workers take the same number of steps", spec.stage, len(keys) % multiple, len(keys), w)
+        log.info("%s: each epoch leaves out %d of %d train rows (a seeded choice per epoch): every step takes "
+                 "%d (workers x batch x accumulation)", spec.stage, len(keys) % multiple, len(keys), multiple)
     val_keys = shards.split_keys(Path(spec.val_shards), "val")
     datasets["val"] = val_dataset(shards.split_files(Path(spec.val_shards), ["val"]), val_keys, cfg.data,
                                   workers=w, seed=cfg.run.seed, batch_size=st.batch_size)
