@@ -147,8 +147,8 @@ def predict(cfg: AuroraConfig, exports: Path | dict[str, Path], shards_dir: Path
             actors: int, batch_size: int, cpus_per_actor: float, gpus_per_actor: float,
             max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0, no_seg: str = "empty",
             j_threshold: float = 0.4, keys: list[str] | None = None):
-    """A lazy Ray Dataset of predictions for the rows of ``splits`` (``keys``: only those rows), in no
-    particular order: each row carries its metadata ``line``; with several ``exports`` {name: dir}
+    """A lazy Ray Dataset of predictions for the rows of ``splits`` (``keys``: only those rows), in shard
+    order, batched the same way on every run: each row carries its metadata ``line``; with several ``exports`` {name: dir}
     also the ``model`` that answered. ``score_size``: per-row metrics as the official protocol
     scores, J at ``j_threshold``."""
     import ray.data
@@ -161,6 +161,10 @@ def predict(cfg: AuroraConfig, exports: Path | dict[str, Path], shards_dir: Path
     ds = shards.clip_dataset(shards_dir, splits, cfg.data, batch_size=batch_size,
                              rows_per_block=batch_size if actors > 1 else None, score_size=score_size,
                              media=mode == "answer" and cfg.eval.ablate in ("audio", "video"), keys=keys)
+    # the same rows in the same batches from run to run: a row's padded length, hence its result to
+    # ~1e-6, depends on its batch, and the streaming re-cut into blocks follows arrival order unless
+    # the order is kept (seen: 10 of 1,413 teacher embeddings differed, and SFT after them diverged)
+    ds.context.execution_options.preserve_order = True
     return ds.map_batches(
         ExportPredictor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
         num_gpus=gpus_per_actor or None,
