@@ -19,8 +19,8 @@ Mix / Seen / Unseen J, Null S, and on test_s the structure rate, class accuracy 
 synthetic expression's kind: what the expression refers by), writes ``<run.root>/ablations.json``
 and logs every run to one MLflow store (``<run.root>/ablations-mlflow.db``, experiment
 ``aurora-ablations``). What it divides by: J over all frames of the rows of a kind (test_s), class
-accuracy and structure rate over test_s rows. About 16 minutes on 2 CPU cores with the tiny default
-(943 s measured: the full pipeline 433 s, -distillation 337 s, each evaluation ~20 s).
+accuracy and structure rate over test_s rows. About 13 minutes on 2 CPU cores with the tiny default
+(762 s measured: the full pipeline 360 s, -distillation ~230 s, each evaluation ~16 s).
 """
 
 from __future__ import annotations
