@@ -148,9 +148,9 @@ def predict(cfg: AuroraConfig, exports: Path | dict[str, Path], shards_dir: Path
             max_new_tokens: int = 160, temperature: float = 0.0, score_size: int = 0, no_seg: str = "empty",
             j_threshold: float = 0.4, keys: list[str] | None = None):
     """A lazy Ray Dataset of predictions for the rows of ``splits`` (``keys``: only those rows), in shard
-    order, batched the same way on every run: each row carries its metadata ``line``; with several ``exports`` {name: dir}
-    also the ``model`` that answered. ``score_size``: per-row metrics as the official protocol
-    scores, J at ``j_threshold``."""
+    order, batched the same way on every run: each row carries its metadata ``line``; with several
+    ``exports`` {name: dir} also the ``model`` that answered. ``score_size``: per-row metrics as the
+    official protocol scores, J at ``j_threshold``."""
     import ray.data
 
     from aurora_core.runtime import init_ray
