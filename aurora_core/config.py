@@ -233,6 +233,11 @@ class ModelConfig:
     # in host RAM, only rank 0 reads the checkpoint's values. Real checkpoints only (the tiny model is
     # built from a config, and is small)
     zero_init: bool = False
+    # an answer whose target is "none" gets an empty mask in evaluation and in GRPO's rollouts (their
+    # rewards), whatever the mask decoder draws from its [SEG] (aurora_core.model.aurora.
+    # empty_masks_where_none): the text decides that nothing is there, the mask follows. false: the
+    # decoder's masks as they are (results.json records which)
+    empty_mask_on_none: bool = True
 
     def __post_init__(self) -> None:
         _check(self.trainable_tokens in ("full", "new"),

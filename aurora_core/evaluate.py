@@ -48,6 +48,8 @@ class Scoring:
             shown = per_split.get("test")
         if shown is not None:  # structure rate and class accuracy of the seen (Ref-AVS) / test (AVSBench) split
             row.update({"Struct": shown["structure_rate"], "Class": shown["class_acc"]})
+        if self.benchmark == "refavs" and "test_n" in per_split:  # answers "the target is none" on test_n
+            row["None"] = per_split["test_n"]["class_acc"]
         return row
 
 
@@ -119,7 +121,8 @@ def _results(cfg: AuroraConfig, target: EvalTarget, rows: list[dict[str, Any]], 
         tables[p] = sc.table(per_split, p)
     table = tables[e.protocol]
     result = {"model": str(model_dir), "name": name, "benchmark": sc.benchmark, "subset": sc.subset,
-              "protocol": e.protocol, "no_seg": e.no_seg, "ablate": e.ablate, "splits": per_split, "table": table, "tables": tables,
+              "protocol": e.protocol, "no_seg": e.no_seg,
+              "empty_mask_on_none": cfg.model.empty_mask_on_none, "ablate": e.ablate, "splits": per_split, "table": table, "tables": tables,
               "protocol_batch_clips": sc.batch_clips, "score_size": sc.score_size, "j_threshold": sc.j_threshold,
               "seconds": seconds}
     out_dir.mkdir(parents=True, exist_ok=True)

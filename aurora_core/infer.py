@@ -27,6 +27,7 @@ from aurora_core import logs, reasoning
 from aurora_core.config import AuroraConfig, config_from_dict, to_dict
 from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics, mask_iou, score_logits
+from aurora_core.model.aurora import empty_masks_where_none
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class ExportPredictor:
         if self.no_seg == "force":
             suffix = proc.tok(" " + reasoning.ANSWER_SUFFIX, add_special_tokens=False).input_ids
             masks = model.masks_with_forced_seg(prompts, r, suffix, proc.eos_id)
+        if self.cfg.model.empty_mask_on_none:
+            masks = empty_masks_where_none(masks, r.texts)
         masks = masks.float().cpu()
         out: dict[str, list] = {k: [] for k in ("key", "line", "uid", "split", "class", "kind", "answer",
                                                 "pred_class", "class_correct", "well_formed", "structured",

@@ -61,8 +61,9 @@ AVS_BATCH_CLIPS = 4  # AVSBench avs_s4|avs_ms3/test.sh: --test_batch_size 4, shu
 AVS_SCORE_SIZE = 224  # AVSBench release frames and masks (scored as loaded, no resize)
 
 TABLE_COLUMNS = ("Seen J", "Seen F", "Unseen J", "Unseen F", "Mix J", "Mix F", "Null S")
-# shown after the Ref-AVS columns when a row has them: test_s structure rate and class accuracy
-EXTRA_COLUMNS = ("Struct", "Class")
+# shown after the Ref-AVS columns when a row has them: test_s structure rate and class accuracy, and
+# the share of test_n answers that say the target is none (the null split's class accuracy)
+EXTRA_COLUMNS = ("Struct", "Class", "None")
 
 
 def _check_pred(pred: torch.Tensor) -> None:

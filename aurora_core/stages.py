@@ -350,7 +350,7 @@ def evaluate_models(cfg: AuroraConfig, tracker: Tracker, parent: str | None, mod
         if res.is_file() and res.stat().st_mtime >= (model / "aurora.json").stat().st_mtime:
             cached = _json.loads(res.read_text())
             if (sorted(cached["splits"]) == sorted(splits) and "tables" in cached and cached.get("no_seg") == e.no_seg
-                    and cached.get("ablate") == e.ablate
+                    and cached.get("ablate") == e.ablate and cached.get("empty_mask_on_none") == cfg.model.empty_mask_on_none
                     and (cached.get("protocol_batch_clips"), cached.get("score_size"), cached.get("j_threshold"))
                     == (sc.batch_clips, sc.score_size, sc.j_threshold)):
                 print(f"[eval] {name}: results at {res} are newer than the model: reused")

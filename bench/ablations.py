@@ -13,6 +13,8 @@ Variants (runs under ``<run.root>/ablation-*``; a rerun skips what is complete):
     -audio         the full model evaluated on silence
     -video         ... with blank frames for the thinker (SAM keeps the real ones: eval.ablate)
     -text          ... with an empty expression
+    full drawn masks  the full model with model.empty_mask_on_none=false: the decoder's masks where
+                   the answer says "none" too
 
 The variants that train read the full run's shard set. Prints one table (the official protocol's
 Mix / Seen / Unseen J, Null S, and on test_s the structure rate, class accuracy and J by the
@@ -44,7 +46,7 @@ COLUMNS = ("Mix J", "Seen J", "Unseen J", "Null S")
 def row_of(result: dict) -> dict[str, float | None]:
     s = result["splits"]["test_s"]
     row = {c: result["table"].get(c) for c in COLUMNS}
-    row.update({"Struct": s["structure_rate"], "Class": s["class_acc"]})
+    row.update({"Struct": s["structure_rate"], "Class": s["class_acc"], "None": result["table"].get("None")})
     row.update({f"J {k}": s["by_kind"].get(k, {}).get("J") for k in KINDS})
     return row
 
@@ -122,6 +124,12 @@ def main() -> int:
                                                            stages.RunLayout(no_distill).export("sft"),
                                                            "sft-no-distillation"))
 
+        # the full model's masks as its decoder draws them, also where the answer says "none"
+        # (model.empty_mask_on_none=false): what the rule that empties them changes in Null S and J
+        drawn = cfg_of("full", "model.empty_mask_on_none=false")
+        drawn.tracking.experiment = "aurora-ablations"
+        timed("full drawn masks", lambda: stages.evaluate(drawn, tracker, parent, layout.export("grpo"),
+                                                           "full-drawn-masks"))
         for what in ("audio", "video", "text"):
             ab = cfg_of("full", f"eval.ablate={what}")
             ab.tracking.experiment = "aurora-ablations"

@@ -207,6 +207,27 @@ def test_forced_seg_decodes_a_mask_where_the_answer_has_none(built, batch, small
     assert not (forced[0] == NO_SEG_LOGIT).all()
 
 
+def test_an_answer_that_names_no_target_gets_an_empty_mask(built, batch):
+    """model.empty_mask_on_none: the masks of an answer whose target is "none" are emptied, those of
+    an answer naming a class (or without a class sentence) are the decoder's, untouched."""
+    from aurora_core.config import ModelConfig
+    from aurora_core.model.aurora import NO_SEG_LOGIT, empty_masks_where_none
+
+    assert ModelConfig().empty_mask_on_none
+    model, proc = built
+    model.eval()
+    texts = ["Step 1: In the frames I see a drum on the left. Step 2: In the audio I hear the drum. Step 3: The "
+             "reference asks for the bell. Step 4: There is no bell in the video. The target is none. It is [SEG].",
+             batch["cot"][1], "Step 1: nothing."]
+    with torch.no_grad():
+        masks = model(proc.train_batch(batch, [batch["cot"][1]] * len(batch["cot"]))).mask_logits[:3]
+    assert not (masks == NO_SEG_LOGIT).all(dim=(1, 2, 3)).any()  # the decoder draws something for each
+    out = empty_masks_where_none(masks, texts)
+    assert (out[0] == NO_SEG_LOGIT).all()
+    assert torch.equal(out[1:], masks[1:]) and not (masks[0] == NO_SEG_LOGIT).all()  # the input is left as it was
+    assert empty_masks_where_none(masks, texts[1:] + ["x"]) is masks  # nothing to empty: no copy
+
+
 def test_frozen_encoders_run_once_per_prompt_in_bounded_chunks(built, batch, small_cfg):
     """generate_with_masks of B prompts x G samples runs the SAM encoder on each of the B*T frames once
     and each tower on each clip once (the G samples share them, in generate and in the scoring

@@ -137,7 +137,7 @@ def test_evaluation_results_and_table(chain):
     assert lines[0].startswith("Ref-AVS, official protocol") and "batch of 4 clips" in lines[0]
     lines = lines[1:]
     assert lines[0].split() == ["Model", "Seen", "J", "Seen", "F", "Unseen", "J", "Unseen", "F", "Mix", "J",
-                                "Mix", "F", "Null", "S", "Struct", "Class"]
+                                "Mix", "F", "Null", "S", "Struct", "Class", "None"]
     assert [line.split()[0] for line in lines[2:]] == ["teacher", "sft", "reflect", "grpo"]
     for stage in stages.STAGES:
         res = json.loads((layout.dir / "eval" / stage / "results.json").read_text())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aurora_core import reasoning
 from aurora_core.model.processor import ModelInputs
 
 NO_SEG_LOGIT = -20.0  # mask logits of a sample whose answer has no [SEG]: an empty mask
@@ -286,6 +287,19 @@ class AuroraModel(nn.Module):
         p = prompts.input_ids.shape[1]
         out = self.forward(full, with_masks=with_masks, seg_from=p, features=features, logits_from=p - 1)
         return out, out.logits[:, :-1]
+
+
+def empty_masks_where_none(mask_logits: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """``mask_logits`` [N, T, S, S] with the masks of every answer whose target is ``none`` emptied
+    (``model.empty_mask_on_none``): the answer is the model's decision that the referent is absent,
+    and its mask follows it (GSVA's [REJ] token does the same) instead of whatever the decoder draws
+    from that answer's [SEG]. Null expressions must produce empty masks (Ref-AVS ``test_n``, Null S)."""
+    none = [i for i, t in enumerate(texts) if reasoning.parse_answer(t).predicted_class == reasoning.NULL_CLASS]
+    if not none:
+        return mask_logits
+    out = mask_logits.clone()
+    out[none] = NO_SEG_LOGIT
+    return out
 
 
 def with_completions(prompts: ModelInputs, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> ModelInputs:

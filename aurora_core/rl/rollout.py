@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from aurora_core import logs
-from aurora_core.model.aurora import token_logprobs
+from aurora_core.model.aurora import empty_masks_where_none, token_logprobs
 from aurora_core.rl.trajectory import RolloutGroup, shipped_features
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,10 @@ class RolloutWorker:
             suppress_ids=self.proc.suppress_ids, decode=self.proc.decode)
         t_gen = time.time() - t0
         t0 = time.time()
-        masks = r.mask_logits.float().cpu()
+        masks = r.mask_logits
+        if self.cfg.model.empty_mask_on_none:  # a "none" answer is rewarded for the empty mask it stands for
+            masks = empty_masks_where_none(masks, r.texts)
+        masks = masks.float().cpu()
         # cut by the length limit: no end token among the generated tokens
         ended = ((r.completion_ids == self.proc.eos_id) & r.completion_mask.bool()).any(1).cpu().numpy()
         out = []
