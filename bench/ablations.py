@@ -18,9 +18,9 @@ Variants (runs under ``<run.root>/ablation-*``; a rerun skips what is complete):
 
 The variants that train read the full run's shard set. Prints one table (the official protocol's
 Mix / Seen / Unseen J, Null S, the share of test_n answers saying none, and on test_s the structure
-rate, class accuracy and J by the synthetic expression's kind: what the expression refers by), writes ``<run.root>/ablations.json``
-and logs every run to one MLflow store (``<run.root>/ablations-mlflow.db``, experiment
-``aurora-ablations``). What it divides by: J over all frames of the rows of a kind (test_s), class
+rate, class accuracy and J by the synthetic expression's kind: what the expression refers by),
+writes ``<run.root>/ablations.json`` and logs every run to one MLflow store
+(``<run.root>/ablations-mlflow.db``, experiment ``aurora-ablations``). What it divides by: J over all frames of the rows of a kind (test_s), class
 accuracy and structure rate over test_s rows. About 13-14 minutes on 2 CPU cores with the tiny default
 (762 s measured before the full pipeline's teacher and SFT took ~30 s longer: the full pipeline 360 s,
 -distillation ~230 s, each evaluation ~16 s; 1,146 s with grpo.steps=150, ~115 s of GRPO a run).
@@ -99,10 +99,15 @@ def main() -> int:
                 getattr(stages, stage)(full, tracker, parent)
             return stages.evaluate(full, tracker, parent, layout.export("grpo"), "full")
         timed("full", run_full)
-        timed("-grpo", lambda: stages.evaluate(full, tracker, parent, layout.export("reflect"), "no-grpo"))
-        # stage for stage, for the distillation claims: the teacher and SFT against SFT without distillation
-        timed("teacher", lambda: stages.evaluate(full, tracker, parent, layout.export("teacher"), "teacher"))
-        timed("sft", lambda: stages.evaluate(full, tracker, parent, layout.export("sft"), "sft"))
+        # the full run's earlier exports in one evaluation pass (eval.together): -grpo, and stage for
+        # stage for the distillation claims, the teacher and SFT against SFT without distillation
+        t = time.time()
+        earlier = stages.evaluate_models(full, tracker, parent, {"no-grpo": layout.export("reflect"),
+                                                                 "teacher": layout.export("teacher"),
+                                                                 "sft": layout.export("sft")})
+        results.update({"-grpo": earlier["no-grpo"], "teacher": earlier["teacher"], "sft": earlier["sft"]})
+        seconds["-grpo, teacher, sft"] = time.time() - t
+        print(f"[ablations] -grpo, teacher, sft: {seconds['-grpo, teacher, sft']:.0f}s", flush=True)
 
         no_reflect = cfg_of("noreflect", shared)
         no_reflect.tracking.experiment = "aurora-ablations"
