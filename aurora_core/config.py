@@ -303,6 +303,9 @@ class StageConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
     distill_weight: float = 0.0  # SFT: [SEG] feature distillation against the stage-0 teacher
+    # train on the rows whose referent is absent (class null: "none" and an empty mask). false for a
+    # teacher that is a segmentation anchor only: SFT then distils its [SEG] on the other rows alone
+    null_rows: bool = True
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs)
     # >0: the mask losses of a training step on this many frames of each clip (a seeded draw per step)
     # instead of all of them: SAM's decoder is half of a tiny step (validation decodes every frame)

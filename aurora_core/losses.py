@@ -56,6 +56,11 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor, smooth: float = 1.0,
     return _mean_over_masks(1.0 - (2.0 * inter + smooth) / (p.sum(-1) + y.sum(-1) + smooth), valid)
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Segmentation feature distillation: MSE to the frozen teacher's projected [SEG] embedding."""
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Segmentation feature distillation: MSE to the frozen teacher's projected [SEG] embedding
+    ([B, D] each), over the rows where ``rows`` [B] is true (None: all; none: 0 with a gradient path)."""
+    if rows is not None:
+        student, teacher = student[rows], teacher[rows]
+        if student.shape[0] == 0:
+            return student.float().sum()
     return F.mse_loss(student.float(), teacher.detach().float())

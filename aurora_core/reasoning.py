@@ -47,22 +47,6 @@ def cot_answer(frames: str, audio: str, reference: str, match: str, cls: str) ->
     return f"{body} {final_answer(cls)}"
 
 
-_STEP_MARKER = re.compile(r"\s*Step \d+:\s*")
-
-
-def description(cot: str) -> str:
-    """A structured CoT said in plain words: the steps' sentences without their ``Step i:`` markers and
-    without the answer sentences (no class sentence, no [SEG]). What the tiny default's random LLM is
-    pretrained on (``pretrain``): describing what is seen and heard and what a reference points at, as
-    a pretrained omni model can, but not AURORA's structured format or its segmentation token."""
-    body = cot.strip()
-    low = body.lower()
-    cut = low.rfind("the target is ")
-    if cut > 0:
-        body = body[:cut]
-    return " ".join(x for x in _STEP_MARKER.split(body) if x).strip()
-
-
 def reflective_answer(own_reasoning: str, correct_cot: str) -> str:
     """Stage-2 target for a wrong answer: what the model said, the trigger, then the right CoT."""
     return f"{own_reasoning.strip()} {REFLECT_TRIGGER} {correct_cot.strip()}"

@@ -60,3 +60,14 @@ def test_distill_is_mse_and_teacher_detached():
     loss = losses.distill_loss(s, t)
     loss.backward()
     assert loss.item() == pytest.approx(2.5) and t.grad is None and s.grad is not None
+
+
+def test_distill_over_the_chosen_rows_only():
+    """SFT against a teacher trained without null rows (teacher.null_rows=false) distils on the
+    other rows only; a batch of null rows alone gives 0 with a gradient path."""
+    s = torch.tensor([[1.0, 2.0], [5.0, 5.0]], requires_grad=True)
+    t = torch.zeros(2, 2)
+    assert losses.distill_loss(s, t, torch.tensor([True, False])).item() == pytest.approx(2.5)
+    none = losses.distill_loss(s, t, torch.tensor([False, False]))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(s.grad, torch.zeros(2, 2))

@@ -61,3 +61,20 @@ def test_trainer_workers_get_disjoint_complete_shares(ray_session, small_cfg, sm
     L = int(small_cfg.data.audio_seconds * small_cfg.data.sample_rate)
     for g in got:
         assert g["shapes"] == [[[T, 3, S, S], [T, S, S], [L]]]
+
+
+def test_an_epoch_leaves_out_the_excluded_rows(ray_session, small_cfg, small_shards):
+    """A stage with null_rows=false (the tiny teacher): every epoch reads the split's rows less
+    the null ones (and less its seeded left-out rows), each once."""
+    from aurora_core.train.epochs import left_out, train_datasets
+
+    files = shards.split_files(small_shards, ["train"])
+    table = pq.read_table(files, columns=["key", "class"]).to_pylist()
+    nulls = shards.null_keys(small_shards, "train")
+    assert nulls and sorted(nulls) == sorted(r["key"] for r in table if r["class"] == "null")
+    keys = [r["key"] for r in table if r["class"] != "null"]
+    ds = train_datasets(files, keys, small_cfg.data, epochs=2, multiple=4, seed=0, resume_file=None,
+                        batch_size=4, excluded=nulls)
+    for e in (0, 1):
+        got = [k for b in ds[f"train_e{e}"].iter_batches(batch_size=8) for k in b["key"]]
+        assert sorted(got) == sorted(set(keys) - set(left_out(keys, 4, 0, e)))

@@ -78,17 +78,6 @@ def test_structure_rate_parser():
     assert not R.parse_answer(R.reflective_answer(good, "Step 1: nothing")).structured
 
 
-def test_description_is_the_cot_in_plain_words():
-    cot = R.cot_answer("In the frames I see a drum on the left and a bell on the right",
-                               "In the audio I hear the bell", "The reference asks for the object on the left",
-                               "The drum is on the left", "drum")
-    d = R.description(cot)
-    assert d == ("In the frames I see a drum on the left and a bell on the right. In the audio I hear the bell. "
-                 "The reference asks for the object on the left. The drum is on the left.")
-    p = R.parse_answer(d)
-    assert not (p.well_formed or p.has_class_sentence or p.structured) and p.num_seg == 0
-
-
 def test_reflective_targets_split_into_own_reasoning_and_correction():
     cot = R.cot_answer("a", "b", "c", "d", "drum")
     own = "Step 1: In the frames I see a bell. The target is bell."

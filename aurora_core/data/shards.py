@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from aurora_core import reasoning
 from aurora_core.config import DataConfig
 from aurora_core.data import avsbench, refavs
 from aurora_core.data.atomic import staged_dir
@@ -425,6 +426,14 @@ def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch
 def split_keys(shards_dir: Path, split: str) -> list[str]:
     """The row keys of a split, in shard order."""
     return pq.read_table(split_files(shards_dir, [split]), columns=["key"])["key"].to_pylist()
+
+
+def null_keys(shards_dir: Path, split: str) -> list[str]:
+    """The row keys of a split whose referent is absent (class ``null``), in shard order."""
+    import pyarrow.compute as pc
+
+    t = pq.read_table(split_files(shards_dir, [split]), columns=["key", "class"])
+    return t.filter(pc.equal(t["class"], reasoning.NULL_CLASS))["key"].to_pylist()
 
 
 def rows_by_key(shards: Path, keys: list[str], splits: list[str], data: DataConfig) -> dict[str, np.ndarray]:

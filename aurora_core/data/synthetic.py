@@ -247,9 +247,11 @@ def _default_schedule(n: int, num_frames: int, rng: np.random.Generator) -> dict
 
 
 def _describe_frames(objs: list[SynthObject]) -> str:
+    """Each slot, then what is in it (``on the left a drum``): the word just written says where to
+    look for the next one."""
     names = SLOT_NAMES[len(objs)]
-    parts = [f"a {o.cat.name} on the {names[o.slot]}" if names[o.slot] != "middle"
-             else f"a {o.cat.name} in the middle" for o in objs]
+    parts = [f"on the {names[o.slot]} a {o.cat.name}" if names[o.slot] != "middle"
+             else f"in the middle a {o.cat.name}" for o in objs]
     return "In the frames I see " + _join(parts)
 
 

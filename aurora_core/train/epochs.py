@@ -84,12 +84,13 @@ def epoch_pipeline(files: list[str], data: DataConfig, epoch: int, seed: int, dr
 
 
 def train_datasets(files: list[str], keys: list[str], data: DataConfig, *, epochs: int, multiple: int, seed: int,
-                   resume_file: str | None, batch_size: int) -> dict:
+                   resume_file: str | None, batch_size: int, excluded: list[str] = ()) -> dict:
     """One dataset per epoch, ``train_e<k>``, rows tagged with their epoch; epoch k leaves out
-    ``left_out(keys, multiple, seed, k)``. (A single union of all epochs would start one Ray Data
-    execution instead of one per epoch, but its start-up grows with the epoch count and is slower.)"""
-    return {f"train_e{e}": epoch_pipeline(files, data, e, seed, left_out(keys, multiple, seed, e), resume_file,
-                                           batch_size, True) for e in range(epochs)}
+    ``left_out(keys, multiple, seed, k)`` and every row of ``excluded`` (rows of ``files`` that are
+    not in ``keys``: a stage's ``null_rows=false``). (A single union of all epochs would start one Ray
+    Data execution instead of one per epoch, but its start-up grows with the epoch count and is slower.)"""
+    return {f"train_e{e}": epoch_pipeline(files, data, e, seed, left_out(keys, multiple, seed, e) + list(excluded),
+                                           resume_file, batch_size, True) for e in range(epochs)}
 
 
 def val_dataset(files: list[str], keys: list[str], data: DataConfig, *, workers: int, seed: int, batch_size: int):

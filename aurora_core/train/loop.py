@@ -64,14 +64,15 @@ def targets(spec: StageSpec, batch: dict[str, Any]) -> tuple[list[str] | None, l
 
 
 def loss_terms(out, inp, masks: torch.Tensor, st: StageConfig, teacher: torch.Tensor | None,
-               gt_frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """``gt_frames`` [B, T] bool: the mask terms over frames with ground truth only (None: all)."""
+               gt_frames: torch.Tensor | None = None, distill_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``gt_frames`` [B, T] bool: the mask terms over frames with ground truth only (None: all);
+    ``distill_rows`` [B] bool: the rows the distillation pulls on (None: all)."""
     t = {"lm": losses.lm_loss(out.logits, inp.labels[:, out.logits_from:]),
          "bce": losses.mask_bce(out.mask_logits, masks, valid=gt_frames),
          "dice": losses.dice_loss(out.mask_logits, masks, valid=gt_frames)}
     loss = st.lm_weight * t["lm"] + st.bce_weight * t["bce"] + st.dice_weight * t["dice"]
     if teacher is not None:
-        t["distill"] = losses.distill_loss(out.seg_embedding, teacher)
+        t["distill"] = losses.distill_loss(out.seg_embedding, teacher, distill_rows)
         loss = loss + st.distill_weight * t["distill"]
     t["loss"] = loss
     return t
@@ -322,19 +323,21 @@ def train_worker(config: dict[str, Any]) -> None:
             t_data += time.time() - t_wait
             contexts, answers = targets(spec, batch)
             inp = proc.train_batch(batch, answers, contexts).to(device, dtype)
-            tt = None
+            tt, distill_rows = None, None
             if teacher is not None:
                 missing = [k for k in batch["key"] if k not in teacher]
                 if missing:
                     raise KeyError(f"no teacher [SEG] embedding for {missing[:3]} in {spec.distill}")
                 tt = torch.tensor(np.stack([teacher[k] for k in batch["key"]]), device=device)
+                if not cfg.teacher.null_rows:  # a teacher never shown a null row has nothing to teach there
+                    distill_rows = torch.tensor([c != reasoning.NULL_CLASS for c in batch["class"]], device=device)
             frames = mask_frames(st, batch["masks"].shape[:2], cfg.run.seed, rank, engine.global_steps)
             masks, gt_frames = batch["masks"], batch["gt_frames"]
             if frames is not None:
                 rows = torch.arange(len(frames))[:, None]
                 masks, gt_frames = masks[rows, frames], gt_frames[rows, frames]
             out = engine(inp, mask_frames=None if frames is None else frames.to(device))
-            t = loss_terms(out, inp, masks.to(device), st, tt, gt_frames)
+            t = loss_terms(out, inp, masks.to(device), st, tt, gt_frames, distill_rows)
             before = engine.global_steps
             lr = scheduler.get_last_lr()[0]  # the LR of the update this micro-batch may complete
             engine.backward(t["loss"])
@@ -440,6 +443,12 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     w = cfg.train.num_workers
     multiple = w * st.batch_size * st.grad_accum
     keys = shards.split_keys(Path(spec.train_shards), "train")
+    excluded: list[str] = []
+    if not st.null_rows:
+        excluded = shards.null_keys(Path(spec.train_shards), "train")
+        keys = [k for k in keys if k not in set(excluded)]
+        log.info("%s: %d train rows without a referent left out (%s.null_rows=false)", spec.stage, len(excluded),
+                 spec.stage)
     steps_per_epoch = len(keys) // multiple
     if steps_per_epoch == 0:
         raise ValueError(f"{spec.stage}: the train split has {len(keys)} rows, fewer than workers x batch x "
@@ -447,7 +456,7 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     train_files = shards.split_files(Path(spec.train_shards), ["train"])
     resume_file = str(Path(spec.stage_dir) / "resume.json")
     datasets = train_datasets(train_files, keys, cfg.data, epochs=st.epochs, multiple=multiple, seed=cfg.run.seed,
-                              resume_file=resume_file, batch_size=st.batch_size)
+                              resume_file=resume_file, batch_size=st.batch_size, excluded=excluded)
     if len(keys) % multiple:
         log.info("%s: each epoch leaves out %d of %d train rows (a seeded choice per epoch): every step takes "
                  "%d (workers x batch x accumulation)", spec.stage, len(keys) % multiple, len(keys), multiple)
