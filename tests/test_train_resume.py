@@ -14,11 +14,10 @@ import time
 import pytest
 
 from aurora_core import stages
-from aurora_core.data.shards import split_keys
 from aurora_core.model.build import is_export
 from aurora_core.train.audit import committed_samples, restarts
 from conftest import NO_CACHE, ROOT, SMALL_DATA
-from test_train_stages import TRAIN, assert_has_duplicate_uids, cfg_for, expected_epoch
+from test_train_stages import TRAIN, assert_has_duplicate_uids, cfg_for, expected_epoch, teacher_keys
 
 pytestmark = pytest.mark.slow
 
@@ -90,4 +89,4 @@ def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the rerun logged into the same run
     steps = {m.step for m in c.get_metric_history(runs[0].info.run_id, "train/loss")}
     multiple = cfg.train.num_workers * cfg.teacher.batch_size * cfg.teacher.grad_accum
-    assert steps == set(range(1, epochs * (len(split_keys(small_shards, "train")) // multiple) + 1))
+    assert steps == set(range(1, epochs * (len(teacher_keys(cfg, small_shards)) // multiple) + 1))
