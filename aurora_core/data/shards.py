@@ -396,7 +396,8 @@ def read_shards(files: list[str], data: DataConfig, media: bool = False):
     import ray.data
 
     cols = [f.name for f in SCHEMA if media or not data.cache_towers or f.name not in MEDIA_COLUMNS]
-    return ray.data.read_parquet(files, columns=cols, schema=pa.schema([SCHEMA.field(c) for c in cols]))
+    # select_columns after the read is pushed down into it (Ray's replacement of read_parquet's columns=)
+    return ray.data.read_parquet(files, schema=pa.schema([SCHEMA.field(c) for c in cols])).select_columns(cols)
 
 
 def clip_dataset(shards: Path, splits: Iterable[str], data: DataConfig, *, batch_size: int = 16,
