@@ -446,7 +446,8 @@ def run_stage(cfg: AuroraConfig, spec: StageSpec) -> dict[str, Any]:
     excluded: list[str] = []
     if not st.null_rows:
         excluded = shards.null_keys(Path(spec.train_shards), "train")
-        keys = [k for k in keys if k not in set(excluded)]
+        dropped = set(excluded)
+        keys = [k for k in keys if k not in dropped]
         log.info("%s: %d train rows without a referent left out (%s.null_rows=false)", spec.stage, len(excluded),
                  spec.stage)
     steps_per_epoch = len(keys) // multiple
