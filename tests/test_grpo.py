@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -277,17 +278,47 @@ def test_broadcast_group_survives_a_replaced_rollout_actor(ray_session, small_sh
         learner.shutdown()
 
 
-def _kill_a_learner_after(ckpt: Path, killed: list, timeout: float = 600) -> None:
+class _Rank:
+    """A stand-in learner rank: the failure modes of a rank in a collective, on a real Ray actor."""
+
+    def fail(self, msg: str):
+        raise RuntimeError(msg)
+
+    def die_in(self, seconds: float):
+        time.sleep(seconds)
+        os._exit(1)
+
+
+def test_a_peer_failing_first_still_reports_the_dead_learner(ray_session):
+    """ray.get over the ranks raises the first error to arrive: when rank 1 dies in a collective, rank 0's
+    "Connection reset by peer" can arrive first (seen on CI). learner_get must still say the learner died
+    (the loop restarts from its checkpoint), and re-raise the error when every rank failed with a bug."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from aurora_core.rl.learner import LearnerFailed, learner_get
+
+    rank = ray.remote(num_cpus=0)(_Rank)
+    r0, r1 = rank.remote(), rank.remote()
+    with pytest.raises(LearnerFailed, match="a peer's collective failed first"):
+        learner_get([r0.fail.remote("Connection reset by peer"), r1.die_in.remote(1.0)])
+    r0, r1 = rank.remote(), rank.remote()
+    with pytest.raises(RayTaskError, match="a bug"):
+        learner_get([r0.fail.remote("a bug"), r1.fail.remote("a bug")])
+
+
+def _kill_a_learner_after(ckpt: Path, learner_log: Path, killed: list, timeout: float = 600) -> None:
+    """Kill rank 1 once step 1's checkpoint is written: in step 2 rank 0 then fails inside its collective
+    ("Connection reset by peer") and ray.get reports rank 0's error first, the order that must still restart.
+    The rank's pid comes from the learners' log line ("[grpo-learner pid N] ... learner rank 1 of 2 ready")."""
     import psutil
 
     deadline = time.time() + timeout
     while time.time() < deadline and not (ckpt / "driver.json").is_file():
         time.sleep(0.05)
-    for p in psutil.process_iter(["cmdline"]):
-        if any("ray::LearnerWorker" in part for part in (p.info["cmdline"] or [])):
-            p.kill()
-            killed.append(p.pid)
-            return
+    pids = re.findall(r"pid (\d+)\] \S+: learner rank 1 of 2 ready", learner_log.read_text())
+    psutil.Process(int(pids[-1])).kill()
+    killed.append(int(pids[-1]))
 
 
 def test_grpo_run_two_learners_async_kl_checkpoint_resume(ray_session, small_shards, init_export, tmp_path):
@@ -306,7 +337,8 @@ def test_grpo_run_two_learners_async_kl_checkpoint_resume(ray_session, small_sha
     layout = stages.RunLayout(cfg)
     killed: list = []
     killer = threading.Thread(target=_kill_a_learner_after,
-                              args=(layout.stage_dir("grpo") / "checkpoints" / "step_000001", killed), daemon=True)
+                              args=(layout.stage_dir("grpo") / "checkpoints" / "step_000001",
+                                    Path(cfg.run.dir) / "logs" / "grpo-learner.log", killed), daemon=True)
     killer.start()
     first = stages.grpo(cfg, tracker, tracker.parent("grpo", {}))
     killer.join(timeout=5)

@@ -62,6 +62,10 @@ class LearnerWorker:
         self.rank, self.world = rank, world
         self.last_weights: tuple[int, dict[str, torch.Tensor] | None] = (0, None)  # rank 0's last broadcast
 
+    def __repr__(self) -> str:
+        # Ray shows this in errors, the dashboard and the state API (repr_name): which rank failed
+        return f"LearnerWorker(rank={self.rank}/{self.world})"
+
     def address(self) -> tuple[str, int]:
         with socket.socket() as s:
             s.bind(("", 0))
@@ -101,6 +105,8 @@ class LearnerWorker:
             for layer in self.engine.module.thinker.model.language_model.layers:
                 layer.training = True
         self.dtype = torch.bfloat16 if gpu else torch.float32
+        log.info("learner rank %d of %d ready (%s group at %s:%d)", self.rank, self.world,
+                 dist.get_backend(), master[0], master[1])
         return self.rank
 
     # ------------------------------------------------------------------ a step
@@ -357,7 +363,7 @@ class LearnerGroup:
     def call(self, method: str, *args):
         import ray
 
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return learner_get([getattr(w, method).remote(*args) for w in self.workers])
 
     def shutdown(self) -> None:
         import ray
@@ -370,17 +376,40 @@ class LearnerFailed(RuntimeError):
     """A learner worker (or a member of the weight-sync group) died: the loop restarts from a checkpoint."""
 
 
-def learner_call(fn, *args):
-    """Run a learner interaction; a dead learner actor becomes LearnerFailed (the loop restarts)."""
+def _actor_lost():
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+    return RayActorError, ActorDiedError, ActorUnavailableError
+
+
+def learner_call(fn, *args):
+    """Run a learner interaction; a dead learner actor becomes LearnerFailed (the loop restarts)."""
     try:
         return fn(*args)
-    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+    except _actor_lost() as e:
         raise LearnerFailed("learner worker died") from e
 
 
-def learner_get(refs: list) -> list:
-    import ray
+# How long the other ranks' results are awaited once one rank has failed, to tell a dead peer from a bug.
+PEER_GRACE_S = 60.0
 
-    return learner_call(ray.get, refs)
+
+def learner_get(refs: list) -> list:
+    """ray.get over every rank's call. When a rank dies inside a collective, its peers fail too (gloo: "Connection
+    reset by peer", NCCL: a watchdog error) and ray.get raises the first error in list order, so a surviving
+    rank 0 would hide rank 1's death behind a RayTaskError: look at every rank before calling it a bug."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return learner_call(ray.get, refs)
+    except RayTaskError:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PEER_GRACE_S)  # a rank still stuck stays out
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except _actor_lost() as e:
+                raise LearnerFailed("learner worker died (a peer's collective failed first)") from e
+            except RayTaskError:
+                continue
+        raise
