@@ -246,13 +246,10 @@ class RolloutPool:
         return [a.open_sync_group.remote(host, port, r + 1, world, backend, timeout_s, manifest)
                 for r, a in enumerate(self.actors)]
 
-    def receive(self, version: int) -> list[float]:
-        """Every actor takes part in the broadcast of ``version`` (started by the learner); checksums."""
-        import ray
-
-        digests = ray.get([a.receive_weights.remote(version) for a in self.actors])
-        self.version = version
-        return digests
+    def receive(self, version: int) -> list:
+        """Refs of every actor's part in the broadcast of ``version`` (started by the learner), each to its
+        received checksum; the caller awaits them with the learner ranks' refs and then sets ``version``."""
+        return [a.receive_weights.remote(version) for a in self.actors]
 
     def generate(self, clips_ref, indices: list[int],
                  on_result: Callable[[int, int], None] | None = None) -> dict[int, RolloutGroup]:

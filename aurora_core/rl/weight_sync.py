@@ -112,8 +112,11 @@ class WeightSync:
             if self.pool.group_stale:
                 self._open_group()
             refs = self.learner.broadcast_weights(version)
-            received = learner_call(self.pool.receive, version)  # a member lost mid-broadcast: restart too
-            sent = learner_get(refs)[0]
+            # the ranks and the actors awaited together: a member lost mid-broadcast fails its peers'
+            # collective too, and learner_get tells that from a bug (a death restarts the loop)
+            got = learner_get([*refs, *self.pool.receive(version)])
+            sent, received = got[0], got[len(refs):]
+            self.pool.version = version
             bad = [i for i, d in enumerate(received) if abs(d - sent) > 1e-9 * max(1.0, abs(sent))]
             if bad:
                 raise RuntimeError(f"weight broadcast of version {version} arrived corrupted at rollout actor(s) "
