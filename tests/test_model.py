@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from aurora_core import losses
 from aurora_core.model.build import build_model, export_merged, load_export, parameter_report, save_export
-from conftest import decoded_rows
+from conftest import ROOT, decoded_rows
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +381,27 @@ def test_masks_of_some_frames_only(built, batch, small_cfg):
         some = model(inp, mask_frames=frames).mask_logits
     assert some.shape == (n, 3, *every.shape[2:])
     torch.testing.assert_close(some, every[torch.arange(n)[:, None], frames], atol=1e-5, rtol=1e-5)
+
+
+def test_the_rope_sections_reach_the_model(built, small_cfg):
+    """model.tiny.mrope_section sets the multimodal RoPE's (temporal, height, width) sections; empty keeps
+    Qwen2.5-Omni's proportions. The sections take the frequencies highest first, so at (1, 1, 14) the
+    video tokens' width index (left 3, right 4 for 2x2 merged tokens) turns >= 0.5 rad a column where
+    Qwen's proportions leave it under 0.06 rad at this head size."""
+    def sections(model):
+        lm = model.thinker.model.language_model
+        return list(lm.config.rope_parameters["mrope_section"]), lm.rotary_emb.inv_freq
+
+    default, inv_freq = sections(built[0])
+    assert default == [4, 6, 6] and inv_freq[sum(default[:2])] < 0.06
+    model_cfg = dataclasses.replace(small_cfg.model, tiny=dataclasses.replace(small_cfg.model.tiny,
+                                                                             mrope_section=[1, 1, 14]))
+    wide, inv_freq = sections(build_model(model_cfg, small_cfg.data)[0])
+    assert wide == [1, 1, 14] and inv_freq[2] >= 0.5
+
+
+def test_mrope_sections_must_sum_to_half_the_head():
+    from aurora_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"mrope_section must be 3 sections summing to head_dim / 2 = 16"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["model.tiny.mrope_section=[2,2,11]"])

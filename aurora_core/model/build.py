@@ -64,7 +64,7 @@ def tiny_thinker_config(m: ModelConfig, tok) -> Qwen2_5OmniThinkerConfig:
                          num_key_value_heads=t.num_kv_heads, pad_token_id=tok.pad_token_id,
                          eos_token_id=token_id(tok, CHAT_END),
                          rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
-                                          "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]}),
+                                          "mrope_section": list(t.mrope_section) or [head_dim // 2 - 2 * hw, hw, hw]}),
         audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
         video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
         audio_end_token_id=ids["audio_eos_token"], user_token_id=token_id(tok, "user"),
