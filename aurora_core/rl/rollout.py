@@ -248,7 +248,9 @@ class RolloutPool:
 
     def receive(self, version: int) -> list:
         """Refs of every actor's part in the broadcast of ``version`` (started by the learner), each to its
-        received checksum; the caller awaits them with the learner ranks' refs and then sets ``version``."""
+        received checksum; the caller awaits them with the learner ranks' refs. The pool holds ``version``
+        from here: a broadcast that fails raises, and the loop then restarts with a new pool."""
+        self.version = version
         return [a.receive_weights.remote(version) for a in self.actors]
 
     def generate(self, clips_ref, indices: list[int],

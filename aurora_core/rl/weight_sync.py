@@ -116,7 +116,6 @@ class WeightSync:
             # collective too, and learner_get tells that from a bug (a death restarts the loop)
             got = learner_get([*refs, *self.pool.receive(version)])
             sent, received = got[0], got[len(refs):]
-            self.pool.version = version
             bad = [i for i, d in enumerate(received) if abs(d - sent) > 1e-9 * max(1.0, abs(sent))]
             if bad:
                 raise RuntimeError(f"weight broadcast of version {version} arrived corrupted at rollout actor(s) "
