@@ -307,6 +307,11 @@ class StageConfig:
     batch_size: int = 4  # per worker micro-batch
     grad_accum: int = 1
     lr: float = 1e-3
+    # > 0: the LLM's trainable weights (LoRA or the whole thinker) learn at this LR and the segmentation
+    # head (seg_proj, SAM's mask decoder) at ``lr``; 0: every part at ``lr``. The head learns from
+    # scratch and the LLM's text is easily unlearnt, so they want different rates (LISA-style recipes
+    # and the tiny default, configs/tiny.yaml)
+    llm_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
@@ -328,6 +333,7 @@ class StageConfig:
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
+        _check(self.llm_lr >= 0, "llm_lr must be >= 0 (0: the LLM at lr as well)")
         _check(self.mask_frames >= 0, "mask_frames must be >= 0 (0: every frame)")
         _check(min(self.lm_weight, self.bce_weight, self.dice_weight, self.distill_weight) >= 0,
                "loss weights must be >= 0")
@@ -373,6 +379,9 @@ class GRPOConfig:
     max_new_tokens: int = 160  # >= model.max_answer_tokens, validated
     # optimisation
     lr: float = 5e-4
+    # > 0: the LLM's trainable weights at this LR and the segmentation head (trained by the mask loss
+    # below) at ``lr``; 0: every part at ``lr`` (as StageConfig.llm_lr)
+    llm_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 2
     num_iterations: int = 1  # passes (optimizer steps) over each batch of rollouts
@@ -435,6 +444,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1 and self.prompts_per_step >= 1, "grpo.steps and prompts_per_step must be >= 1")
         _check(self.num_samples >= 2, "grpo.num_samples must be >= 2 (advantages are relative within a group)")
+        _check(self.lr > 0 and self.llm_lr >= 0, "grpo.lr must be > 0 and grpo.llm_lr >= 0 (0: the LLM at lr as well)")
         _check(self.kl_estimator in ("k1", "k2", "k3"), f"grpo.kl_estimator must be k1, k2 or k3, got {self.kl_estimator}")
         _check(self.prompts_per_step % self.learner_workers == 0,
                "grpo.prompts_per_step must be a multiple of grpo.learner_workers")

@@ -189,7 +189,8 @@ def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_sha
     """Every loss term is normalised by a global count: the same batch (completions with [SEG], so
     the mask loss has a gradient; KL on) gives the same updated weights on 1 learner rank with 2
     micro-batches and on 2 ranks with 1 each (fp32, gloo; tolerance 1e-5 against Adam's first-step
-    moves of ~lr = 5e-3, so a term counted K times, which flips the sign of mixed updates, shows).
+    moves of ~lr = 5e-3 for the head and ~llm_lr = 1e-3 for the LLM, so a term counted K times, which
+    flips the sign of mixed updates, shows).
     The 1-rank learner computes the frozen features itself; the 2 ranks read them shipped in the
     object store, as the rollout actors put them (grpo.learner_features=ship)."""
     from dataclasses import replace
@@ -228,7 +229,7 @@ def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_sha
     for k, step_groups in ((1, groups), (2, shipped)):
         cfg = cfg_for(tmp_path / f"k{k}", small_shards, f"grpo.learner_workers={k}", f"grpo.prompts_per_step={P}",
                       "grpo.micro_batch=3", "grpo.kl_coef=0.1", "grpo.warmup_steps=0", "grpo.lr=5e-3",
-                      "grpo.mask_loss_weight=1.0", "grpo.overlong=mask")
+                      "grpo.llm_lr=1e-3", "grpo.mask_loss_weight=1.0", "grpo.overlong=mask")
         learner = LearnerGroup(cfg, str(trained_export))
         try:
             init = ray.get(learner.gather_weights()[0])
@@ -239,6 +240,13 @@ def test_one_learner_step_is_the_same_on_one_or_two_ranks(ray_session, small_sha
     moved = max((weights[1][n] - init[n]).abs().max().item() for n in init)
     diff = max((weights[1][n] - weights[2][n]).abs().max().item() for n in init)
     assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    # grpo.llm_lr: Adam's first update moves a weight by ~its group's LR, the head's 5e-3, the LLM's 1e-3
+    head = {n for n in init if n.startswith(("seg_proj.", "sam.mask_decoder."))}
+    assert head and head != set(init), sorted(init)[:5]
+    step = {part: max((weights[1][n] - init[n]).abs().max().item() for n in names)
+            for part, names in (("head", head), ("llm", set(init) - head))}
+    assert 4e-3 < step["head"] < 5.5e-3 and 5e-4 < step["llm"] < 1.1e-3, step
+    assert (metrics[1]["lr"], metrics[1]["llm_lr"]) == pytest.approx((5e-3, 1e-3))
     for key in ("loss/policy", "loss/mask", "loss/total", "kl", "ratio_mean"):
         assert metrics[1][key] == pytest.approx(metrics[2][key], rel=1e-5, abs=1e-7), key
     assert metrics[1]["loss/mask"] > 0.01  # the mask term was on and is logged as optimised

@@ -75,6 +75,23 @@ def test_gradients_reach_exactly_the_trainable_parts(built, batch):
     model.zero_grad(set_to_none=True)
 
 
+def test_llm_lr_splits_the_llm_from_the_segmentation_head(built):
+    from aurora_core.train.zero3 import Optimization, param_groups
+
+    model, _ = built
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    one = param_groups(model, Optimization(1, 1, 5e-3, 0.0, 0, 0.1, 10))
+    assert len(one) == 1 and "lr" not in one[0] and {id(p) for p in one[0]["params"]} == set(trainable)
+    head, llm = param_groups(model, Optimization(1, 1, 5e-3, 0.0, 0, 0.1, 10, llm_lr=1e-3))
+    assert head["lr"] == 5e-3 and llm["lr"] == 1e-3
+    head_names = {trainable[id(p)] for p in head["params"]}
+    llm_names = {trainable[id(p)] for p in llm["params"]}
+    assert not head_names & llm_names and head_names | llm_names == set(trainable.values())
+    assert all(n.startswith(("seg_proj.", "sam.mask_decoder.")) for n in head_names), head_names
+    assert any(n.startswith("seg_proj.") for n in head_names) and any("mask_decoder" in n for n in head_names)
+    assert llm_names and all(n.startswith("llm.") for n in llm_names) and any("lora_" in n for n in llm_names)
+
+
 def test_seg_embedding_drives_masks(built, batch):
     model, proc = built
     model.eval()

@@ -133,6 +133,13 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
         assert "config.yaml" in top and "export_path.txt" in top, top
         assert run.data.tags.get("aurora.export", "").endswith(f"exports/{stage}")
     assert "train/distill" in children["sft"].data.metrics
+    # the tiny default trains SFT's LLM at sft.llm_lr and its segmentation head at sft.lr: both reach
+    # DeepSpeed's optimizer as groups, and each peaks at its own LR after the warm-up
+    assert 0 < cfg.sft.llm_lr < cfg.sft.lr
+    for key, peak in (("train/lr", cfg.sft.lr), ("train/llm_lr", cfg.sft.llm_lr)):
+        history = [h.value for h in c.get_metric_history(children["sft"].info.run_id, key)]
+        assert max(history) == pytest.approx(peak) and min(history) < peak, key
+    assert "train/llm_lr" not in children["teacher"].data.metrics
     assert "train/distill" not in children["teacher"].data.metrics
     assert "reflect/corrected" in children["reflect"].data.metrics
     ev = children["eval-grpo"]

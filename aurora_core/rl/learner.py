@@ -116,10 +116,10 @@ class LearnerWorker:
         ``clips`` (read in place from the object store), aligned with ``groups``; ``advantages``
         [len(groups), G]. Returns the step's metrics, reduced over the ranks."""
         t0 = time.time()
-        lr = float(self.scheduler.get_last_lr()[0])  # the LR this step's update uses
+        lrs = [float(x) for x in self.scheduler.get_last_lr()]  # the LRs this step's update uses (head, [LLM])
         batch = self._prepare({k: v[rows[0]:rows[1]] for k, v in clips.items()}, groups, advantages)
         sums, extremes = self._update(batch)
-        return {**self._metrics(sums, extremes, lr, t0), "features_recomputed": batch.features_recomputed}
+        return {**self._metrics(sums, extremes, lrs, t0), "features_recomputed": batch.features_recomputed}
 
     def _prepare(self, clips: dict[str, np.ndarray], groups: list[RolloutGroup], advantages: np.ndarray
                  ) -> LearnerBatch:
@@ -230,7 +230,7 @@ class LearnerWorker:
                         extremes["ratio_min"] = min(extremes["ratio_min"], float(r.min()))
         return sums, extremes
 
-    def _metrics(self, sums: dict[str, float], extremes: dict[str, float], lr: float, t0: float) -> dict[str, float]:
+    def _metrics(self, sums: dict[str, float], extremes: dict[str, float], lrs: list[float], t0: float) -> dict[str, float]:
         """Sums over ranks (and max/min of the ratio), per iteration where a term is a loss."""
         import torch.distributed as dist
 
@@ -250,7 +250,8 @@ class LearnerWorker:
                 "loss/total": tot["loss/total"] / it, "pg_token_mean": tot["pg_tokens"] / tok,
                 "kl": tot["kl"] / tok, "clip_frac": tot["clipped"] / tok, "ratio_mean": tot["ratio"] / tok,
                 "ratio_max": float(hi) if tot["tokens"] else 1.0, "ratio_min": float(lo) if tot["tokens"] else 1.0,
-                "entropy": tot["entropy"] / max(1.0, tot["entropy_tokens"]), "lr": lr,
+                "entropy": tot["entropy"] / max(1.0, tot["entropy_tokens"]), "lr": lrs[0],
+                **({"llm_lr": lrs[1]} if len(lrs) > 1 else {}),
                 "policy_tokens": tot["tokens"] / it, "learner_time_s": time.time() - t0,
                 "optimizer_step": int(self.engine.global_steps),
                 **{f"learner_{k}": v for k, v in peaks.items()}}

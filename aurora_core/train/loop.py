@@ -339,7 +339,7 @@ def train_worker(config: dict[str, Any]) -> None:
             out = engine(inp, mask_frames=None if frames is None else frames.to(device))
             t = loss_terms(out, inp, masks.to(device), st, tt, gt_frames, distill_rows)
             before = engine.global_steps
-            lr = scheduler.get_last_lr()[0]  # the LR of the update this micro-batch may complete
+            lrs = scheduler.get_last_lr()  # the LRs of the update this micro-batch may complete (head, [LLM])
             engine.backward(t["loss"])
             engine.step()
             pending += list(zip(batch["key"], batch["epoch"].tolist()))
@@ -362,9 +362,11 @@ def train_worker(config: dict[str, Any]) -> None:
             micro = st.grad_accum * world
             epoch = (state.global_step - 1) // steps_per_epoch
             metrics = {"train/loss": red[0] / micro, "train/lm": red[1] / micro, "train/bce": red[2] / micro,
-                       "train/dice": red[3] / micro, "train/lr": lr,
+                       "train/dice": red[3] / micro, "train/lr": lrs[0],
                        "train/samples_per_s": len(pending) * world / dt, "train/tokens_per_s": red[5] / dt,
                        "train/step_time_s": dt, "train/data_wait_s": t_data, "train/epoch": epoch}
+            if len(lrs) > 1:
+                metrics["train/llm_lr"] = lrs[1]
             if teacher is not None:
                 metrics["train/distill"] = red[4] / micro
             metrics.update(memory.peak_mb_over_ranks())
@@ -377,7 +379,9 @@ def train_worker(config: dict[str, Any]) -> None:
                       f"loss {metrics['train/loss']:.4f} (lm {metrics['train/lm']:.3f} bce {metrics['train/bce']:.3f} "
                       f"dice {metrics['train/dice']:.3f}"
                       + (f" distill {metrics['train/distill']:.4f}" if teacher is not None else "")
-                      + f") lr {metrics['train/lr']:.2e} {metrics['train/samples_per_s']:.1f} samples/s "
+                      + f") lr {metrics['train/lr']:.2e}"
+                      + (f" llm lr {metrics['train/llm_lr']:.2e}" if "train/llm_lr" in metrics else "")
+                      + f" {metrics['train/samples_per_s']:.1f} samples/s "
                       f"{memory.describe(metrics)}",
                       flush=True)
             pending = []

@@ -67,11 +67,12 @@ class Optimization:
     warmup_steps: int  # linear warm-up over this many optimizer steps (0: full LR from the first)
     min_lr_ratio: float  # cosine decay to lr * min_lr_ratio at the last step
     total_steps: int  # optimizer steps of the run
+    llm_lr: float = 0.0  # > 0: the LLM's trainable weights at this peak LR, the segmentation head at lr
 
     @classmethod
     def for_stage(cls, st: StageConfig, total_steps: int) -> "Optimization":
         return cls(st.batch_size, st.grad_accum, st.lr, st.weight_decay, st.warmup_steps, st.min_lr_ratio,
-                   total_steps)
+                   total_steps, st.llm_lr)
 
     @classmethod
     def for_grpo(cls, g: GRPOConfig) -> "Optimization":
@@ -79,7 +80,7 @@ class Optimization:
         per iteration; constant LR after the warm-up."""
         per_rank = g.prompts_per_step // g.learner_workers * g.num_samples
         return cls(g.micro_batch, per_rank // g.micro_batch, g.lr, g.weight_decay, g.warmup_steps, 1.0,
-                   g.steps * g.num_iterations)
+                   g.steps * g.num_iterations, g.llm_lr)
 
     def lr_factor(self, step: int) -> float:
         """LR / lr for the update of optimizer step ``step`` (0-based). Warm-up starts at 1/warmup, not
@@ -106,12 +107,27 @@ def deepspeed_config(path: str, opt: Optimization, bf16: bool) -> dict[str, Any]
     return cfg
 
 
+def param_groups(model: torch.nn.Module, opt: Optimization) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one at ``opt.lr``, or with ``opt.llm_lr`` set, the
+    rest (the segmentation head) at ``opt.lr`` first and the LLM's (``model.llm``) at ``opt.llm_lr``
+    second. DeepSpeed builds the optimizer from the config with these groups; a group's own ``lr``
+    overrides the config's and the schedule scales each group's peak."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if opt.llm_lr <= 0:
+        return [{"params": [p for _, p in trainable]}]
+    llm = [p for n, p in trainable if n.startswith("llm.")]
+    head = [p for n, p in trainable if not n.startswith("llm.")]
+    if not llm or not head:
+        raise ValueError(f"llm_lr={opt.llm_lr} splits the trainable weights into the LLM's and the head's, but "
+                         f"{'the LLM has' if not llm else 'the head has'} none: set llm_lr=0")
+    return [{"params": head, "lr": opt.lr}, {"params": llm, "lr": opt.llm_lr}]
+
+
 def initialize(model: torch.nn.Module, ds_cfg: dict[str, Any], opt: Optimization):
     """The engine and its LR scheduler (stepped by DeepSpeed at each optimizer step)."""
     deepspeed = import_deepspeed()
-    params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds_cfg,
+        model=model, model_parameters=param_groups(model, opt), config=ds_cfg,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, opt.lr_factor))
     return engine, scheduler
 
