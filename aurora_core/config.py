@@ -309,8 +309,8 @@ class StageConfig:
     lr: float = 1e-3
     # > 0: the LLM's trainable weights (LoRA or the whole thinker) learn at this LR and the segmentation
     # head (seg_proj, SAM's mask decoder) at ``lr``; 0: every part at ``lr``. The head learns from
-    # scratch and the LLM's text is easily unlearnt, so they want different rates (LISA-style recipes
-    # and the tiny default, configs/tiny.yaml)
+    # scratch and the LLM's text is easily unlearnt, so they may want different rates (measured for
+    # the tiny default in configs/tiny.yaml)
     llm_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 5
