@@ -292,8 +292,11 @@ class _Rank:
     def fail(self, msg: str):
         raise RuntimeError(msg)
 
-    def die_in(self, seconds: float):
-        time.sleep(seconds)
+    def die_after(self, refs: list):
+        """Die once every ref in ``refs`` (not resolved: nested in a list) holds its result or error."""
+        import ray
+
+        ray.wait(refs, num_returns=len(refs))
         os._exit(1)
 
 
@@ -308,8 +311,11 @@ def test_a_peer_failing_first_still_reports_the_dead_learner(ray_session):
 
     rank = ray.remote(num_cpus=0)(_Rank)
     r0, r1 = rank.remote(), rank.remote()
+    # rank 1 dies only after rank 0's error is stored, so that error is the one ray.get meets first
+    # (a timed death raced the actors' start under load: CI-like make test, 2 workers)
+    reset = r0.fail.remote("Connection reset by peer")
     with pytest.raises(LearnerFailed, match="a peer's collective failed first"):
-        learner_get([r0.fail.remote("Connection reset by peer"), r1.die_in.remote(1.0)])
+        learner_get([reset, r1.die_after.remote([reset])])
     r0, r1 = rank.remote(), rank.remote()
     with pytest.raises(RayTaskError, match="a bug"):
         learner_get([r0.fail.remote("a bug"), r1.fail.remote("a bug")])
