@@ -14,7 +14,7 @@ inference actor) calls :func:`setup` with its role:
 
 transformers and DeepSpeed print through handlers of their own; :func:`adopt_library_loggers`
 detaches them so their records reach the two above. Ray Data's progress bars are drawn only when the
-driver's stderr is a terminal, and its INFO chatter is left out (:func:`ray_data_env`).
+driver's stderr is a terminal, and its INFO chatter is left out (:func:`progress_env`).
 """
 
 from __future__ import annotations
@@ -95,12 +95,15 @@ def adopt_library_loggers() -> None:
     ds.propagate = True
 
 
-def ray_data_env(interactive: bool) -> dict[str, str]:
-    """Environment for Ray Data in every process: its INFO records ("Running Dataset ...", progress
-    logged as lines) left out, and off a terminal no tqdm bars from Ray workers (Ray Train's ingest
-    actor draws them through Ray's distributed tqdm, cursor escapes and all, whatever the console);
-    Ray Data then reports progress as INFO records. Values the user set win."""
+def progress_env(interactive: bool) -> dict[str, str]:
+    """Environment of every process for the libraries' progress output: Ray Data's INFO records
+    ("Running Dataset ...", progress logged as lines) left out, and off a terminal no tqdm bars from
+    Ray workers: Ray Data's (Ray Train's ingest actor draws them through Ray's distributed tqdm, cursor
+    escapes and all, whatever the console; Ray Data then reports progress as INFO records) and
+    transformers' "Loading weights" bars (huggingface_hub's switch, read when transformers is imported:
+    a training worker imports it after :func:`setup`). Values the user set win."""
     env = {"RAY_DATA_LOG_LEVEL": "WARNING"}
     if not interactive:
         env["RAY_TQDM"] = "0"
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     return {k: os.environ.get(k, v) for k, v in env.items()}

@@ -1,5 +1,15 @@
 """Connecting to Ray: join a cluster (``ray.address`` or RAY_ADDRESS, e.g. under ``ray job submit``) or
-start a local one bound to 127.0.0.1, with the environment every worker needs."""
+start a local one bound to 127.0.0.1, with the environment every worker needs.
+
+The local Ray listens on the loopback only. ``ray.init(_node_ip_address="127.0.0.1")`` alone does not
+do that on Linux: Ray resolves a loopback address to the machine's own (its multi-node default) and
+the GCS, the raylet, the agents and every worker then listen on all interfaces (``ss -ltn``: ``*:port``).
+Ray's single-machine mode, its default on macOS and Windows and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+elsewhere, keeps the node at 127.0.0.1, and Ray's gRPC servers listen on 127.0.0.1 when the node's
+address is 127.0.0.1. :func:`init_ray` sets the variable for the raylet and every worker (they inherit
+it) and the constant Ray read from it at import for this process, and checks the result. Joining a
+cluster leaves both alone: a driver on a node of a real cluster needs its real address.
+"""
 
 from __future__ import annotations
 
@@ -23,19 +33,26 @@ WORKER_ENV = {
 
 
 def worker_env(cfg: AuroraConfig) -> dict[str, str]:
-    env = {**WORKER_ENV, **logs.ray_data_env(sys.stderr.isatty())}
+    env = {**WORKER_ENV, **logs.progress_env(sys.stderr.isatty())}
     for k in ("MLFLOW_TRACKING_URI", "AURORA_LOG_LEVEL"):
         if os.environ.get(k):
             env[k] = os.environ[k]
     return env
 
 
+# Ray's single-machine mode: see the module docstring
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+TRAIN_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+
+
 def init_ray(cfg: AuroraConfig):
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # for the raylet, the GCS and every worker, which inherit this environment
+        os.environ.update(LOCAL_ONLY_ENV)
     import ray
 
     if ray.is_initialized():
         return ray
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = worker_env(cfg)
     _quiet_ray_data_here(env)
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -49,16 +66,52 @@ def init_ray(cfg: AuroraConfig):
             kw["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.object_store_mb:
             kw["object_store_memory"] = cfg.ray.object_store_mb * 1024**2
+        # Ray read the variable when it was first imported, in the pipelines before this (the stages
+        # import Ray Data): the same switch for this process. Checked below, should Ray move it.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         log.info("starting a local Ray on 127.0.0.1")
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {**env, "PYTHONPATH": pythonpath}}, **kw)
+                 runtime_env={"env_vars": {**env, **LOCAL_ONLY_ENV, "PYTHONPATH": pythonpath},
+                              "worker_process_setup_hook": "aurora_core.runtime.quiet_train_cleaner"}, **kw)
+        gcs = ray.get_runtime_context().gcs_address
+        if not gcs.startswith("127.0.0.1:"):
+            ray.shutdown()
+            raise RuntimeError(
+                f"the local Ray's GCS is at {gcs}, not on 127.0.0.1: this Ray did not take its "
+                f"single-machine mode (aurora_core/runtime.py), so its services would listen on every "
+                f"interface. Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment before Python "
+                f"starts and check that ray._private.ray_constants.ENABLE_RAY_CLUSTER is False.")
     return ray
+
+
+def quiet_train_cleaner() -> None:
+    """Ray's ``worker_process_setup_hook`` of the local Ray: Ray Train v2's placement-group cleaner
+    (a detached actor per training run) polls the controller through Ray's state API, which needs the
+    dashboard; the local Ray runs without one (~1.1 GiB in 11 processes, measured), so the cleaner's
+    thread dies on its first poll and Ray prints its 30-line traceback into the console, once per
+    stage. What it would do, remove a dead controller's placement group, the local Ray does when the
+    driver exits. Its exception goes to this worker's log record at DEBUG instead; any other thread's
+    goes to Python's default hook."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name == TRAIN_CLEANER_THREAD:
+            log.debug("Ray Train's placement-group cleaner stopped (no state API without a dashboard): %r",
+                      args.exc_value)
+            return
+        default(args)
+
+    threading.excepthook = hook
 
 
 def _quiet_ray_data_here(env: dict[str, str]) -> None:
     """The driver's own Ray Data (it runs the executions the stages iterate over), as the workers'."""
     import ray.data
 
-    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "HF_HUB_"))})
     ray.data.DataContext.get_current().use_ray_tqdm = env.get("RAY_TQDM", "1") != "0"
     logging.getLogger("ray.data").setLevel(env["RAY_DATA_LOG_LEVEL"])

@@ -21,10 +21,10 @@ Mix / Seen / Unseen J, Null S, the share of test_n answers saying none, and on t
 rate, class accuracy and J by the synthetic expression's kind: what the expression refers by),
 writes ``<run.root>/ablations.json`` and logs every run to one MLflow store
 (``<run.root>/ablations-mlflow.db``, experiment ``aurora-ablations``). What it divides by: J over all
-frames of the rows of a kind (test_s), class accuracy and structure rate over test_s rows. 763 s on
-2 CPU cores with the tiny default: the full pipeline 359 s, -distillation 237 s, -reflect 36 s, the
--grpo, teacher and SFT exports 30 s in one pass, each other evaluation ~15 s (1,146 s with
-grpo.steps=150, ~115 s of GRPO a run, measured on an earlier default).
+frames of the rows of a kind (test_s), class accuracy and structure rate over test_s rows. 1,379 s on
+2 CPU cores with the tiny default in a slow hour (SFT at 33-51 samples/s against 60-80): the full
+pipeline (teacher 153 s, SFT 282 s, reflect 56 s), -distillation (SFT 252 s, reflect, GRPO), -reflect
+(GRPO 45 s), each evaluation 24-33 s. An earlier default took 763 s in a quiet hour.
 """
 
 from __future__ import annotations

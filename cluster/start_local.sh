@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Start a single-node Ray head on this machine to run the pipelines through `ray job submit` the way
-# the cluster runs them. The dashboard and job API listen on 127.0.0.1 only. Ray resolves
-# --node-ip-address 127.0.0.1 to the machine's address and its internal services (GCS :6379, raylet,
-# object manager, client server :10001) listen on all interfaces, protected by Ray's token auth
-# (on by default for a new head in Ray 2.60): keep them firewalled on a shared network.
+# the cluster runs them. Every service of the head (GCS :6379, raylet, object manager, agents, client
+# server :10001, dashboard and job API) and every worker listens on 127.0.0.1 only: Ray's single-machine
+# mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, exported below). Without it Ray resolves --node-ip-address
+# 127.0.0.1 to the machine's address and listens on all interfaces. A head other machines join is a
+# real cluster: cluster/ holds the KubeRay manifests for that.
 #
 #   cluster/start_local.sh [extra `ray start` flags, e.g. --num-cpus 4 --object-store-memory 1000000000]
 #   cluster/stop_local.sh            # stops this head only
@@ -47,6 +48,7 @@ rm -f "$PGID_FILE"
 # entrypoint's `python` is looked up on this PATH: put the environment that holds ray first.
 export PATH="$(dirname "$RAY_BIN"):$PATH"
 export RAY_TRAIN_ENABLE_PRINT_PATCH="${RAY_TRAIN_ENABLE_PRINT_PATCH:-0}"  # else worker lines print twice
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # listen on 127.0.0.1 only (above); job drivers inherit it
 if [[ -z "${DS_ACCELERATOR:-}" ]] && ! nvidia-smi -L >/dev/null 2>&1; then
   export DS_ACCELERATOR=cpu  # no GPU here: keep DeepSpeed from guessing
 fi

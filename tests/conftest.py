@@ -15,6 +15,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's single-machine mode before anything imports Ray: every local Ray of the tests (the session's,
+# the pipelines' subprocesses, cluster/start_local.sh's head) listens on 127.0.0.1 only
+from aurora_core.runtime import LOCAL_ONLY_ENV  # noqa: E402  (imports no Ray)
+
+os.environ.update(LOCAL_ONLY_ENV)
 
 # Small enough to convert in seconds, big enough that every split and expression kind appears.
 SMALL_DATA = [
@@ -58,6 +63,7 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,
+            _node_ip_address="127.0.0.1",
             log_to_driver=True,
             runtime_env={"env_vars": {
                 "DS_ACCELERATOR": "cpu", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",

@@ -412,7 +412,9 @@ def test_ray_job_submit_grpo(small_shards, init_export, tmp_path):
     """`ray job submit --working-dir . -- python pipelines/grpo.py` against a local head on 127.0.0.1."""
     p = _free_ports(10)
     state = tmp_path / "head"
-    env = {**os.environ, "AURORA_RAY_STATE_DIR": str(state), "AURORA_RAY_PORT": str(p[0]),
+    # without the tests' single-machine switch (conftest.py): the script sets it itself
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
+           "AURORA_RAY_STATE_DIR": str(state), "AURORA_RAY_PORT": str(p[0]),
            "AURORA_DASHBOARD_PORT": str(p[1]), "RAY_AUTH_MODE": "token"}
     flags = ["--num-cpus", "4", "--object-store-memory", str(256 * 1024**2), "--include-dashboard", "true",
              "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
@@ -426,6 +428,20 @@ def test_ray_job_submit_grpo(small_shards, init_export, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     ray_bin = str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv" / "bin" / "ray").exists() else "ray"
     try:
+        # every service of the head listens on the loopback only (Ray's single-machine mode)
+        import psutil
+
+        pgid = int((state / "head.pgid").read_text())
+        listening = set()
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == pgid:
+                    listening |= {(proc.name(), c.laddr.ip) for c in proc.net_connections(kind="inet")
+                                  if c.status == psutil.CONN_LISTEN}
+            except (psutil.Error, ProcessLookupError):
+                continue
+        assert {"gcs_server", "raylet"} <= {name for name, _ in listening}, listening
+        assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip in listening), listening
         address = f"http://127.0.0.1:{p[1]}"
         cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                "python", "pipelines/grpo.py", *SMALL_DATA, *GRPO, f"run.root={tmp_path}",

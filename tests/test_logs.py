@@ -56,10 +56,11 @@ def test_library_noise_goes_to_the_file_and_ours_to_the_console(tmp_path, capsys
     assert len([h for h in logging.getLogger().handlers if getattr(h, "aurora", False)]) == 2  # replaced, not added
 
 
-def test_ray_data_progress_bars_only_on_a_terminal(monkeypatch):
-    monkeypatch.delenv("RAY_TQDM", raising=False)
-    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)
-    assert logs.ray_data_env(interactive=False) == {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TQDM": "0"}
-    assert logs.ray_data_env(interactive=True) == {"RAY_DATA_LOG_LEVEL": "WARNING"}
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    for k in ("RAY_TQDM", "RAY_DATA_LOG_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(k, raising=False)
+    assert logs.progress_env(interactive=False) == {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TQDM": "0",
+                                                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    assert logs.progress_env(interactive=True) == {"RAY_DATA_LOG_LEVEL": "WARNING"}
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "DEBUG")
-    assert logs.ray_data_env(interactive=True)["RAY_DATA_LOG_LEVEL"] == "DEBUG"  # the user's choice wins
+    assert logs.progress_env(interactive=True)["RAY_DATA_LOG_LEVEL"] == "DEBUG"  # the user's choice wins
