@@ -46,13 +46,11 @@ TRAIN_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 
 
 def init_ray(cfg: AuroraConfig):
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if not address:  # for the raylet, the GCS and every worker, which inherit this environment
-        os.environ.update(LOCAL_ONLY_ENV)
     import ray
 
     if ray.is_initialized():
         return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = worker_env(cfg)
     _quiet_ray_data_here(env)
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -66,8 +64,10 @@ def init_ray(cfg: AuroraConfig):
             kw["num_cpus"] = cfg.ray.num_cpus
         if cfg.ray.object_store_mb:
             kw["object_store_memory"] = cfg.ray.object_store_mb * 1024**2
-        # Ray read the variable when it was first imported, in the pipelines before this (the stages
-        # import Ray Data): the same switch for this process. Checked below, should Ray move it.
+        # the variable for the raylet, the GCS and every worker (they inherit this environment); for
+        # this process, the constant Ray read from it when first imported, in the pipelines before
+        # this (the stages import Ray Data). Checked below, should Ray move it.
+        os.environ.update(LOCAL_ONLY_ENV)
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
@@ -92,8 +92,8 @@ def quiet_train_cleaner() -> None:
     dashboard; the local Ray runs without one (~1.1 GiB in 11 processes, measured), so the cleaner's
     thread dies on its first poll and Ray prints its 30-line traceback into the console, once per
     stage. What it would do, remove a dead controller's placement group, the local Ray does when the
-    driver exits. Its exception goes to this worker's log record at DEBUG instead; any other thread's
-    goes to Python's default hook."""
+    driver exits. Its exception is logged at DEBUG instead (below a Ray worker's default level: kept
+    out of the console, as README's troubleshooting says); any other thread's goes to Python's hook."""
     import threading
 
     default = threading.excepthook
