@@ -33,10 +33,20 @@ def _wait(cond, timeout: float, what: str, proc=None):
 
 
 def _train_workers(root_pid: int) -> list:
+    """The Ray Train worker processes under the driver. A process a worker forks (a subprocess between
+    fork and exec) carries the worker's title for a moment: seen once at the first checkpoint, a third
+    'ray::RayTrainWorker' whose parent was a worker. Only processes whose parent is no worker count."""
     import psutil
 
-    procs = psutil.Process(root_pid).children(recursive=True)
-    return [p for p in procs if "RayTrainWorker" in " ".join(p.cmdline())]
+    named = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                named.append(p)
+        except psutil.Error:  # gone or exec'd meanwhile
+            continue
+    pids = {p.pid for p in named}
+    return [p for p in named if p.ppid() not in pids]
 
 
 def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path):
