@@ -73,7 +73,7 @@ def init_ray(cfg: AuroraConfig):
         ray_constants.ENABLE_RAY_CLUSTER = False
         log.info("starting a local Ray on 127.0.0.1")
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {**env, **LOCAL_ONLY_ENV, "PYTHONPATH": pythonpath},
+                 runtime_env={"env_vars": {**env, "PYTHONPATH": pythonpath},
                               "worker_process_setup_hook": "aurora_core.runtime.quiet_train_cleaner"}, **kw)
         gcs = ray.get_runtime_context().gcs_address
         if not gcs.startswith("127.0.0.1:"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from conftest import ROOT
 # A fresh interpreter (Ray's single-machine mode is read when Ray is imported): start the local Ray the
 # way the pipelines do, start workers, and list what every process of the session listens on.
 SCRIPT = textwrap.dedent("""
-    import sys, threading, time
+    import json, sys, threading, time
     import psutil
     import ray.data  # imported before init_ray, as the pipelines' stages do
     from aurora_core.config import load_config
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent("""
             continue
         listening |= {(p.name(), c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN}
     print("GCS", ray.get_runtime_context().gcs_address)
-    print("LISTENING", sorted(listening))
+    print("LISTENING", json.dumps(sorted(listening)))
     ray.shutdown()
 """)
 
@@ -54,7 +55,7 @@ def test_the_local_ray_listens_on_the_loopback_only_and_hides_the_train_cleaners
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "GCS 127.0.0.1:" in r.stdout
-    listening = eval(r.stdout.split("LISTENING ", 1)[1].splitlines()[0])  # our own repr of a list of tuples
+    listening = json.loads(r.stdout.split("LISTENING ", 1)[1].splitlines()[0])
     names = {name for name, _ in listening}
     # the GCS and the raylet at least, and each listens on the loopback (IPv4 or IPv4-mapped IPv6) only
     assert {"gcs_server", "raylet"} <= names, listening
