@@ -42,7 +42,9 @@ def worker_env(cfg: AuroraConfig) -> dict[str, str]:
 
 # Ray's single-machine mode: see the module docstring
 LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray Train v2's placement-group cleaner: its monitor thread and its module's logger (see quiet_train_cleaner)
 TRAIN_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
+TRAIN_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def init_ray(cfg: AuroraConfig):
@@ -88,14 +90,18 @@ def init_ray(cfg: AuroraConfig):
 
 def quiet_train_cleaner() -> None:
     """Ray's ``worker_process_setup_hook`` of the local Ray: Ray Train v2's placement-group cleaner
-    (a detached actor per training run) polls the controller through Ray's state API, which needs the
-    dashboard; the local Ray runs without one (~1.1 GiB in 11 processes, measured), so the cleaner's
-    thread dies on its first poll and Ray prints its 30-line traceback into the console, once per
-    stage. What it would do, remove a dead controller's placement group, the local Ray does when the
-    driver exits. Its exception is logged at DEBUG instead (below a Ray worker's default level: kept
-    out of the console, as README's troubleshooting says); any other thread's goes to Python's hook."""
+    (a detached actor per training run) polls the controller every second through Ray's state API,
+    which needs the dashboard; the local Ray runs without one (~1.1 GiB in 11 processes, measured).
+    What the cleaner would do, remove a dead controller's placement group, the local Ray does when the
+    driver exits. It fails in one of two ways, both kept out of the console here: the state API's
+    error makes it log a warning at every poll (measured on a fresh machine: 29 lines in the teacher's
+    first minute, hundreds a demo), and a stale ``/tmp/ray/ray_current_cluster`` (an earlier
+    ``ray start``) makes its thread die with a 30-line traceback, once a stage. Its logger is set to
+    ERROR, and its thread's exception logged at DEBUG (below a Ray worker's default level, as README's
+    troubleshooting says); any other thread's exception goes to Python's hook."""
     import threading
 
+    logging.getLogger(TRAIN_CLEANER_LOGGER).setLevel(logging.ERROR)
     default = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:

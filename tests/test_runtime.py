@@ -30,10 +30,14 @@ SCRIPT = textwrap.dedent("""
                 t = threading.Thread(target=lambda m=msg: (_ for _ in ()).throw(ValueError(m)), name=name)
                 t.start()
                 t.join()
-            return True
+            # the level of the real cleaner module's logger in a worker (it warns at every poll when
+            # Ray's state API answers "no dashboard")
+            import logging
+            from ray.train.v2._internal.execution.controller import placement_group_cleaner
+            return logging.getLogger(placement_group_cleaner.__name__).getEffectiveLevel()
 
     a = Raiser.remote()
-    assert ray.get(a.run.remote())
+    print("CLEANER_LOG_LEVEL", ray.get(a.run.remote()))
     time.sleep(3)  # the workers' stderr reaches this console asynchronously
     listening = set()
     for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
@@ -48,7 +52,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_the_local_ray_listens_on_the_loopback_only_and_hides_the_train_cleaners_traceback(tmp_path):
+def test_the_local_ray_listens_on_the_loopback_only_and_keeps_the_train_cleaner_quiet(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     env["PYTHONPATH"] = str(ROOT)
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
@@ -63,3 +67,6 @@ def test_the_local_ray_listens_on_the_loopback_only_and_hides_the_train_cleaners
     # the worker's other threads still report; the cleaner's traceback does not reach the console
     assert "other-boom" in r.stderr
     assert "cleaner-boom" not in r.stderr + r.stdout
+    # and its warnings are off (on a machine with one Ray it printed "Failed to query Ray Train
+    # Controller actor state" every second of every training stage)
+    assert "CLEANER_LOG_LEVEL 40" in r.stdout, r.stdout[-2000:]
