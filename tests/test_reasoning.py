@@ -87,3 +87,33 @@ def test_reflective_targets_split_into_own_reasoning_and_correction():
     assert context + answer == target
     assert R.split_reflective(cot) == ("", cot)  # a right answer: all of it is trained on
     assert R.parse_answer(context + answer).predicted_class == "drum"
+
+
+def test_step_check_reads_the_check_from_step_1_3_and_4():
+    """bench/step_check.py: "no" where Step 1 lacks Step 3's class is the check followed; a slot Step 1 gave
+    the class (any of them when it names the class twice) is the same slot; other sentences are unparsed."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("step_check", ROOT / "bench" / "step_check.py")
+    step_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_check)
+    head = "step 1 : in the frames i see on the left a horn and on the right a drum . step 2 : in the audio i hear the drum ."
+    rows = [
+        {"split": "test_s", "kind": "category",
+         "answer": head + " step 3 : the reference asks for the horn . step 4 : there is a horn on the left ."},
+        {"split": "test_s", "kind": "category",
+         "answer": head + " step 3 : the reference asks for the drum . step 4 : there is a drum on the left ."},
+        {"split": "test_s", "kind": "category",
+         "answer": head + " step 3 : the reference asks for the object that sounds first . step 4 : the drum sounds first ."},
+        {"split": "test_n", "kind": "null",
+         "answer": head + " step 3 : the reference asks for the gong . step 4 : there is no gong in the video ."},
+        {"split": "test_n", "kind": "null",
+         "answer": head + " step 3 : the reference asks for the gong . step 4 : there is a gong on the right ."},
+        {"split": "test_s", "kind": "position", "answer": head},  # not a check: not counted
+    ]
+    counts = step_check.check_counts(rows)
+    assert counts["category"] == {"step1 lists it, says a": 2, "unparsed": 1}
+    assert counts["null"] == {"step1 lacks it, says a": 1, "step1 lacks it, says no": 1}
+    assert counts["slot"] == {"other slot": 1, "same slot": 1}

@@ -188,6 +188,26 @@ def test_evaluation_results_and_table(chain):
     assert written.startswith(out["table"].strip()) and "split protocol" in written
 
 
+def test_step_check_counts_every_category_and_null_answer(chain, tmp_path):
+    """bench/step_check.py on the chain's answers: each test_s category answer and each test_n answer is
+    counted once per stage, as a check it followed or not, or as unparsed."""
+    from conftest import run_script
+
+    cfg, _, _ = chain
+    layout = stages.RunLayout(cfg)
+    r = run_script("bench/step_check.py", "--run", str(layout.dir), "--out", str(tmp_path / "check.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = json.loads((tmp_path / "check.json").read_text())
+    assert set(counts) == {"sft", "reflect", "grpo"}
+    for stage, c in counts.items():
+        answers = [json.loads(x) for x in (layout.dir / "eval" / stage / "answers.jsonl").read_text().splitlines()]
+        assert sum(c["category"].values()) == sum(a["split"] == "test_s" and a["kind"] == "category" for a in answers)
+        assert sum(c["null"].values()) == sum(a["split"] == "test_n" for a in answers) > 0
+        assert f"[{stage}]" in r.stdout
+    r = run_script("bench/step_check.py", "--run", str(tmp_path))
+    assert r.returncode == 1 and "not found: evaluate the stage first" in r.stderr
+
+
 def _numbers(tree, prefix: str = "") -> dict[str, float]:
     """A nested results dict flattened to {"a/b/c": value} for pytest.approx."""
     if isinstance(tree, dict):
