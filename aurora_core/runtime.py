@@ -95,7 +95,8 @@ def quiet_train_cleaner() -> None:
     What the cleaner would do, remove a dead controller's placement group, the local Ray does when the
     driver exits. It fails in one of two ways, both kept out of the console here: the state API's
     error makes it log a warning at every poll (measured on a fresh machine: 29 lines in the teacher's
-    first minute, hundreds a demo), and a stale ``/tmp/ray/ray_current_cluster`` (an earlier
+    first minute, hundreds a demo), and an ambiguous address (another Ray on the machine: "Found
+    multiple active Ray instances", or a stale ``/tmp/ray/ray_current_cluster`` of an earlier
     ``ray start``) makes its thread die with a 30-line traceback, once a stage. Its logger is set to
     ERROR, and its thread's exception logged at DEBUG (below a Ray worker's default level, as README's
     troubleshooting says); any other thread's exception goes to Python's hook."""
