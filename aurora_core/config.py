@@ -203,6 +203,25 @@ class TinyModelConfig:
     tower_init_range: float = 0.02
     sam_patch_size: int = 8  # SAM ViT patch (SAM uses 16; 8 gives the tiny 64-px input an 8x8 grid); image embeddings are sam_image_size / patch
     init_seed: int = 0  # same seed -> same random base weights, for every stage
+    # the language model's weights (a safetensors file of the thinker's model.* and lm_head.*) loaded
+    # over the random init: text_pretrain's output, set by the stages when text_pretrain.steps > 0
+    llm_weights: Optional[str] = None
+
+
+@dataclass
+class TextPretrainConfig:
+    """The tiny default's language pretraining (aurora_core.train.text_pretrain): what a real run gets
+    from its pretrained LLM. Off (steps 0) unless a config turns it on; only with the tiny model."""
+
+    steps: int = 0  # optimizer steps; 0: the LLM starts from its random init
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    scenes: int = 2048  # synthetic scenes (never rendered) whose expressions and CoTs are the corpus
+    seed: int = 1  # the corpus and the row order
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0 and self.batch_size >= 1 and self.scenes >= 1 and self.lr > 0,
+               "text_pretrain needs steps >= 0, batch_size >= 1, scenes >= 1 and lr > 0")
 
 
 @dataclass
@@ -549,6 +568,7 @@ class AuroraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text_pretrain: TextPretrainConfig = field(default_factory=TextPretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: StageConfig = field(default_factory=StageConfig)
     sft: StageConfig = field(default_factory=lambda: StageConfig(distill_weight=1.0))
@@ -566,6 +586,9 @@ class AuroraConfig:
                f"grpo.max_new_tokens={g.max_new_tokens} is below model.max_answer_tokens={m.max_answer_tokens}: "
                "rollouts would be cut before 'It is [SEG].' (format 0, empty masks); raise grpo.max_new_tokens "
                "or set grpo.allow_truncation=true for a smoke run")
+        _check(self.text_pretrain.steps == 0 or m.is_tiny,
+               "text_pretrain.steps > 0 pretrains the tiny model's random LLM; a real checkpoint "
+               f"(model.llm_path={m.llm_path}) is pretrained already: set text_pretrain.steps=0")
         bad = [s for s in self.eval.splits or () if s not in self.data.splits]
         _check(not bad, f"eval.splits {bad} are not splits of the {self.data.benchmark} benchmark "
                         f"({', '.join(self.data.splits)})")

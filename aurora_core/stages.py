@@ -150,8 +150,40 @@ def _supervised(cfg: AuroraConfig, stage: str, target: str, tracker: Tracker, pa
     return {"export": str(out), "seconds": took, **metrics}
 
 
+def pretrain_text(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, Any] | None:
+    """Before stage 0, the tiny LLM's language pretraining (``text_pretrain.steps`` > 0; see
+    aurora_core.train.text_pretrain): written once to ``base/llm.safetensors`` of the run, then
+    ``model.tiny.llm_weights`` points there, so every process that builds a fresh model (teacher,
+    SFT) starts from it. An explicit ``model.tiny.llm_weights`` is used as it is."""
+    from aurora_core.train import text_pretrain
+
+    p, tiny = cfg.text_pretrain, cfg.model.tiny
+    if p.steps == 0 or tiny.llm_weights:
+        return None
+    out = RunLayout(cfg).dir / "base" / "llm.safetensors"
+    if out.is_file():
+        print(f"[text] pretrained LLM at {out}: skipped")
+    else:
+        child = open_stage_run(tracker, parent, "text_pretrain", cfg)
+        try:
+            r = text_pretrain.pretrain(cfg, out)
+        except BaseException:
+            tracker.finish(child, "FAILED")
+            raise
+        from aurora_core.tracking import RunLogger
+
+        RunLogger(tracker.uri if tracker.enabled else None, child).metrics(
+            {"lm_first": r.first_loss, "lm_last": r.last_loss, "seconds": r.seconds}, step=r.steps)
+        tracker.finish(child)
+        print(f"[text] done in {r.seconds:.0f}s: {r.steps} steps on {r.rows} rows, LM loss {r.first_loss:.3f} -> "
+              f"{r.last_loss:.3f} (first and last tenth); {out}")
+    tiny.llm_weights = str(out)
+    return {"path": str(out)}
+
+
 def teacher(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, Any]:
     """Stage 0: the non-CoT model answering ``It is <class> [SEG].``."""
+    pretrain_text(cfg, tracker, parent)
     return _supervised(cfg, "teacher", "direct", tracker, parent)
 
 
@@ -162,6 +194,7 @@ def sft(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> dict[str, An
     layout = RunLayout(cfg)
     if is_export(layout.export("sft")):
         return _supervised(cfg, "sft", "cot", tracker, parent)
+    pretrain_text(cfg, tracker, parent)
     distill = None
     require_shards(layout)
     if cfg.sft.distill_weight > 0:

@@ -118,7 +118,9 @@ def main() -> int:
             return stages.evaluate(no_reflect, tracker, parent, stages.RunLayout(no_reflect).export("grpo"), "no-reflect")
         timed("-reflect", run_no_reflect)
 
-        no_distill = cfg_of("nodistill", shared, "sft.distill_weight=0")
+        # the full run's text-pretrained LLM (text_pretrain), not a second pretraining
+        base = [f"model.tiny.llm_weights={full.model.tiny.llm_weights}"] if full.model.tiny.llm_weights else []
+        no_distill = cfg_of("nodistill", shared, "sft.distill_weight=0", *base)
         no_distill.tracking.experiment = "aurora-ablations"
 
         def run_no_distill():

@@ -1,6 +1,6 @@
 """The whole pipeline on one command (what `make demo` runs):
 
-    prepare data -> teacher -> SFT -> reflect -> GRPO -> evaluate each stage's export -> the table
+    prepare data -> the tiny LLM's text pretraining (text_pretrain.steps > 0) -> teacher -> SFT -> reflect -> GRPO -> evaluate each stage's export -> the table
     -> each stage zero-shot on the unreferenced AVSBench subsets (unreferenced.subsets) -> their table
 
     python pipelines/all.py [--config configs/tiny.yaml] [key=value ...]
@@ -24,6 +24,7 @@ def run_all(cfg) -> dict:
     parent = tracker.parent("all", stages.params_of(cfg))
     layout = stages.RunLayout(cfg)
     try:
+        stages.pretrain_text(cfg, tracker, parent)
         stages.teacher(cfg, tracker, parent)
         stages.sft(cfg, tracker, parent)
         stages.reflect(cfg, tracker, parent)

@@ -113,7 +113,7 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     runs = c.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.data.tags.get("aurora.pipeline") == "all")
     children = {r.data.tags["aurora.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"teacher", "sft", "reflect", "grpo"} | {
+    assert set(children) == {"text_pretrain", "teacher", "sft", "reflect", "grpo"} | {
         f"eval-{s}{u}" for s in stages.STAGES for u in ("", "-avsbench-s4", "-avsbench-ms3")}
     assert parent.info.status == "FINISHED"
     assert "results_table.txt" in [a.path for a in c.list_artifacts(parent.info.run_id)]
@@ -133,6 +133,11 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
         assert "config.yaml" in top and "export_path.txt" in top, top
         assert run.data.tags.get("aurora.export", "").endswith(f"exports/{stage}")
     assert "train/distill" in children["sft"].data.metrics
+    # the tiny LLM's text pretraining ran first, and every stage's model started from its weights
+    text = children["text_pretrain"].data.metrics
+    assert text["lm_last"] < text["lm_first"] and children["text_pretrain"].info.status == "FINISHED"
+    assert cfg.model.tiny.llm_weights == str(stages.RunLayout(cfg).dir / "base" / "llm.safetensors")
+    assert children["teacher"].data.params["model.tiny.llm_weights"] == cfg.model.tiny.llm_weights
     # the tiny default trains SFT's LLM at sft.llm_lr and its segmentation head at sft.lr: both reach
     # DeepSpeed's optimizer as groups, and each peaks at its own LR after the warm-up
     assert 0 < cfg.sft.llm_lr < cfg.sft.lr

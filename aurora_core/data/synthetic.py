@@ -329,6 +329,28 @@ def make_expressions(objs: list[SynthObject], split: str, absent: list[Category]
     return out
 
 
+CORPUS_STREAM = 1000  # the text corpus's rng stream: apart from every split's (SPLITS.index: 0..4)
+
+
+def cot_corpus(scenes: int, seed: int, data: DataConfig) -> list[tuple[str, str]]:
+    """(expression, CoT) pairs of ``scenes`` synthetic train-like scenes that are never rendered: the
+    tiny LLM's text pretraining corpus (aurora_core.train.text_pretrain). Drawn as the train split's
+    scenes are (seen categories, ``data.synthetic``'s objects, expressions and null rate), from the
+    rng stream ``[seed, CORPUS_STREAM, i]``, which no split of the benchmark uses."""
+    syn = data.synthetic
+    out: list[tuple[str, str]] = []
+    for idx in range(scenes):
+        rng = np.random.default_rng([seed, CORPUS_STREAM, idx])
+        n = int(rng.integers(syn.min_objects, syn.max_objects + 1))
+        cats = _pick_categories("train", n, rng)
+        objs = make_scene(cats, data.num_frames, syn.image_size, rng)
+        absent = [c for c in SEEN if c not in cats]
+        num_null = int(rng.random() < syn.null_expressions_per_train_clip)
+        out += [(e.exp, e.cot) for e in make_expressions(objs, "train", absent, syn.expressions_per_clip,
+                                                         num_null, rng)]
+    return out
+
+
 # --------------------------------------------------------------------------- writer
 
 def _clip_rng(seed: int, split: str, idx: int) -> np.random.Generator:

@@ -140,6 +140,25 @@ def _load_thinker(path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
     return thinker
 
 
+def _load_language_weights(thinker: torch.nn.Module, path: str) -> None:
+    """The tiny thinker's language model (model.*, lm_head.*) from ``path`` (text_pretrain's file);
+    the towers keep their seeded random init. Every language weight must be there, at its shape."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.tiny.llm_weights={path}: no such file; leave it unset and set "
+                                "text_pretrain.steps > 0 for the stages to write it (or unset it for a random LLM)")
+    state = load_file(path)
+    own = {k: v for k, v in thinker.state_dict().items() if not k.startswith(("audio_tower.", "visual."))}
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or extra or shape:
+        raise ValueError(f"model.tiny.llm_weights={path} does not fit this tiny LLM (model.tiny widths, layers, "
+                         f"vocabulary): missing {missing[:3]}, unexpected {extra[:3]}, other shape {shape[:3]}; "
+                         "pretrain again with this config (text_pretrain.steps > 0, model.tiny.llm_weights unset)")
+    thinker.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
 def _fit_vocabulary(thinker: torch.nn.Module, tok) -> None:
     """Grow the embedding (and lm_head) when the tokenizer has more tokens than the checkpoint's
     rows ([SEG] added to a vocabulary without spare rows). Qwen's matrices carry spare rows."""
@@ -156,6 +175,8 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(m.tiny.init_seed)
             thinker = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(m, tok)).to(dtype)
+        if m.tiny.llm_weights:
+            _load_language_weights(thinker, m.tiny.llm_weights)
     else:
         tok = load_tokenizer(m.llm_path)
         thinker = _load_thinker(m.llm_path, dtype)
