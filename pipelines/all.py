@@ -1,6 +1,7 @@
 """The whole pipeline on one command (what `make demo` runs):
 
-    prepare data -> the tiny LLM's text pretraining (text_pretrain.steps > 0) -> teacher -> SFT -> reflect -> GRPO -> evaluate each stage's export -> the table
+    prepare data -> the tiny LLM's text pretraining (text_pretrain.steps > 0) -> teacher -> SFT
+    -> reflect -> GRPO -> evaluate each stage's export -> the table
     -> each stage zero-shot on the unreferenced AVSBench subsets (unreferenced.subsets) -> their table
 
     python pipelines/all.py [--config configs/tiny.yaml] [key=value ...]

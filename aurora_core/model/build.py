@@ -140,16 +140,24 @@ def _load_thinker(path: str | Path, dtype: torch.dtype) -> torch.nn.Module:
     return thinker
 
 
+TOWER_PREFIXES = ("audio_tower.", "visual.")  # the thinker's frozen towers; the rest is the language model
+
+
+def tiny_thinker(m: ModelConfig, tok) -> Qwen2_5OmniThinkerForConditionalGeneration:
+    """The tiny thinker at its seeded random init (``model.tiny.init_seed``), in float32."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(m.tiny.init_seed)
+        return Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(m, tok))
+
+
 def _load_language_weights(thinker: torch.nn.Module, path: str) -> None:
     """The tiny thinker's language model (model.*, lm_head.*) from ``path`` (text_pretrain's file);
     the towers keep their seeded random init. Every language weight must be there, at its shape."""
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.tiny.llm_weights={path}: no such file; leave it unset and set "
                                 "text_pretrain.steps > 0 for the stages to write it (or unset it for a random LLM)")
     state = load_file(path)
-    own = {k: v for k, v in thinker.state_dict().items() if not k.startswith(("audio_tower.", "visual."))}
+    own = {k: v for k, v in thinker.state_dict().items() if not k.startswith(TOWER_PREFIXES)}
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shape = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if missing or extra or shape:
@@ -172,9 +180,7 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
     dtype = torch_dtype(m.dtype)
     if m.is_tiny:
         tok = build_tiny_tokenizer()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(m.tiny.init_seed)
-            thinker = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(m, tok)).to(dtype)
+        thinker = tiny_thinker(m, tok).to(dtype)
         if m.tiny.llm_weights:
             _load_language_weights(thinker, m.tiny.llm_weights)
     else:

@@ -26,13 +26,11 @@ import torch
 
 from aurora_core.config import AuroraConfig
 from aurora_core.data import synthetic
+from aurora_core.model.build import TOWER_PREFIXES, tiny_thinker  # the towers: not pretrained, not saved
 from aurora_core.model.tokenizer import CHAT_END, CHAT_START
 from aurora_core.reasoning import prompt_text
 
 log = logging.getLogger(__name__)
-
-TOWER_PREFIXES = ("audio_tower.", "visual.")  # frozen random towers: not pretrained, not saved
-
 
 @dataclass(frozen=True)
 class TextPretrainResult:
@@ -42,10 +40,6 @@ class TextPretrainResult:
     first_loss: float  # mean next-token loss per answer token over the first 10 % of steps
     last_loss: float  # the same over the last 10 %
     seconds: float
-
-
-def language_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k in state if not k.startswith(TOWER_PREFIXES)]
 
 
 def encode(tok, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,21 +63,14 @@ def encode(tok, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor
 def pretrain(cfg: AuroraConfig, out: Path) -> TextPretrainResult:
     """Train the tiny thinker's language model on the synthetic CoT corpus; write ``out`` atomically."""
     from safetensors.torch import save_file
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from aurora_core.model.build import tiny_thinker_config
     from aurora_core.model.tokenizer import build_tiny_tokenizer
 
-    p, m = cfg.text_pretrain, cfg.model
-    if not m.is_tiny:
-        raise ValueError("text_pretrain is the tiny default's stand-in for a pretrained LLM; with "
-                         "model.llm_path set the checkpoint is the pretrained LLM: set text_pretrain.steps=0")
+    p = cfg.text_pretrain  # the config refuses it for a real checkpoint (model.llm_path)
     t0 = time.time()
     corpus = synthetic.cot_corpus(p.scenes, p.seed, cfg.data)
     tok = build_tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(m.tiny.init_seed)  # the same random init as build_model's
-        thinker = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(m, tok))
+    thinker = tiny_thinker(cfg.model, tok)  # the random init build_model starts from
     params = [w for k, w in thinker.named_parameters() if not k.startswith(TOWER_PREFIXES)]
     opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
     # 5-step warm-up, cosine to 0: the schedule the stages use
