@@ -217,11 +217,12 @@ class TextPretrainConfig:
     batch_size: int = 16
     lr: float = 1.0e-3
     scenes: int = 2048  # synthetic scenes (never rendered) whose expressions and CoTs are the corpus
+    check_scenes: int = 256  # the stream's next scenes: held out, their category / null rows measure Step 4's check
     seed: int = 1  # the corpus and the row order
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0 and self.batch_size >= 1 and self.scenes >= 1 and self.lr > 0,
-               "text_pretrain needs steps >= 0, batch_size >= 1, scenes >= 1 and lr > 0")
+        _check(self.steps >= 0 and self.batch_size >= 1 and self.scenes >= 1 and self.check_scenes >= 1 and self.lr > 0,
+               "text_pretrain needs steps >= 0, batch_size >= 1, scenes >= 1, check_scenes >= 1 and lr > 0")
 
 
 @dataclass

@@ -164,19 +164,19 @@ def pretrain_text(cfg: AuroraConfig, tracker: Tracker, parent: str | None) -> di
     if out.is_file():
         print(f"[text] pretrained LLM at {out}: skipped")
     else:
+        from aurora_core.tracking import RunLogger
+
         child = open_stage_run(tracker, parent, "text_pretrain", cfg)
+        logger = RunLogger(tracker.uri if tracker.enabled else None, child)
         try:
-            r = text_pretrain.pretrain(cfg, out)
+            r = text_pretrain.pretrain(cfg, out, logger.metrics)
         except BaseException:
             tracker.finish(child, "FAILED")
             raise
-        from aurora_core.tracking import RunLogger
-
-        RunLogger(tracker.uri if tracker.enabled else None, child).metrics(
-            {"lm_first": r.first_loss, "lm_last": r.last_loss, "seconds": r.seconds}, step=r.steps)
+        logger.metrics({"lm_first": r.first_loss, "lm_last": r.last_loss, "seconds": r.seconds}, step=r.steps)
         tracker.finish(child)
         print(f"[text] done in {r.seconds:.0f}s: {r.steps} steps on {r.rows} rows, LM loss {r.first_loss:.3f} -> "
-              f"{r.last_loss:.3f} (first and last tenth); {out}")
+              f"{r.last_loss:.3f} (first and last tenth), Step 4 check on held-out rows {r.check}; {out}")
     tiny.llm_weights = str(out)
     return {"path": str(out)}
 

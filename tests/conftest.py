@@ -30,7 +30,7 @@ SMALL_DATA = [
     # subset, so the official protocol has a short last batch
     "data.synthetic.avs_train_clips=2", "data.synthetic.avs_val_clips=1", "data.synthetic.avs_test_clips=6",
     # the tiny LLM's text pretraining (before the teacher, in the chain and the resume tests): a few steps
-    "text_pretrain.steps=4", "text_pretrain.scenes=8",
+    "text_pretrain.steps=4", "text_pretrain.scenes=8", "text_pretrain.check_scenes=4",
 ]
 
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from aurora_core.config import ConfigError, load_config
 from aurora_core.data import synthetic
 from aurora_core.model.build import build_model
+from aurora_core.model.tokenizer import build_tiny_tokenizer
 from aurora_core.train import text_pretrain
 from conftest import ROOT
 
@@ -36,10 +37,14 @@ def test_corpus_is_seeded_and_draws_no_benchmark_scene():
 
 
 def test_pretraining_lowers_the_loss_and_every_fresh_model_starts_from_it(tmp_path):
-    cfg = tiny("text_pretrain.steps=30", "text_pretrain.scenes=64")
+    cfg = tiny("text_pretrain.steps=30", "text_pretrain.scenes=64", "text_pretrain.check_scenes=16")
     out = tmp_path / "base" / "llm.safetensors"
-    r = text_pretrain.pretrain(cfg, out)
+    logged: list[tuple[dict, int]] = []
+    r = text_pretrain.pretrain(cfg, out, lambda values, step: logged.append((values, step)))
     assert r.steps == 30 and r.rows > 64 and r.last_loss < r.first_loss - 1.0, r
+    # the check measured on the held-out scenes' category and null rows at every log line
+    assert r.check.present > 0 and r.check.absent > 0 and [s for _, s in logged][-1] == 30
+    assert set(logged[0][0]) == {"lm", "check_present", "check_absent"}
     saved = load_file(str(out))
     assert saved and not any(k.startswith(text_pretrain.TOWER_PREFIXES) for k in saved)
 
@@ -83,3 +88,39 @@ def test_a_real_checkpoint_is_not_text_pretrained(tmp_path):
                     [f"model.llm_path={tmp_path}", f"model.sam_path={tmp_path}", "text_pretrain.steps=10"])
     assert load_config(ROOT / "configs" / "qwen2.5-omni-7b.yaml",
                        [f"model.llm_path={tmp_path}", f"model.sam_path={tmp_path}"]).text_pretrain.steps == 0
+
+
+class _ReadsStep1(torch.nn.Module):
+    """An oracle LM for the check's bookkeeping: at a row's last token it prefers "no" exactly when the
+    class the expression asks for ("the <class>") is not in the text's Step 1 (``blind``: always "a");
+    at every other position (padding too) it prefers the other answer."""
+
+    def __init__(self, tok, blind: bool = False):
+        super().__init__()
+        self.tok, self.blind = tok, blind
+        self.a, self.no = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("no")
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, len(self.tok))
+        for i, (ids, att) in enumerate(zip(input_ids, attention_mask)):
+            text = self.tok.decode(ids[: int(att.sum())])  # lower case, punctuation apart: "step 1 : in ..."
+            asked = text.split("step 3 : the reference asks for the ")[1].split()[0]
+            absent = asked not in text.split("step 1 :")[1].split("step 2 :")[0].split() and not self.blind
+            n = int(att.sum())  # the decision at the row's last token; every other position says the opposite
+            logits[i, :, self.a if absent else self.no] = 1.0
+            logits[i, n - 1] = 0.0
+            logits[i, n - 1, self.no if absent else self.a] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_the_step4_check_counts_each_kind_of_row():
+    data, tok = tiny().data, build_tiny_tokenizer()
+    rows = synthetic.cot_corpus(40, 3, data)
+    present = sum("Step 4: There is a " in cot for _, cot in rows)
+    absent = sum("Step 4: There is no " in cot for _, cot in rows)
+    assert present and absent and present + absent < len(rows)  # position, sound ... rows have no such step
+    for batch_size in (1, 7, 64):  # right padding: the decision is read at each row's own last token
+        c = text_pretrain.step4_check(_ReadsStep1(tok), tok, rows, batch_size=batch_size)
+        assert (c.present_right, c.present, c.absent_right, c.absent) == (present, present, absent, absent)
+    blind = text_pretrain.step4_check(_ReadsStep1(tok, blind=True), tok, rows)
+    assert (blind.present_right, blind.absent_right) == (present, 0) and blind.shares() == (1.0, 0.0)

@@ -136,6 +136,7 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     # the tiny LLM's text pretraining ran first, and every stage's model started from its weights
     text = children["text_pretrain"].data.metrics
     assert text["lm_last"] < text["lm_first"] and children["text_pretrain"].info.status == "FINISHED"
+    assert 0 <= text["check_present"] <= 1 and 0 <= text["check_absent"] <= 1  # Step 4's check, held-out rows
     assert cfg.model.tiny.llm_weights == str(stages.RunLayout(cfg).dir / "base" / "llm.safetensors")
     assert children["teacher"].data.params["model.tiny.llm_weights"] == cfg.model.tiny.llm_weights
     # the tiny default trains SFT's LLM at sft.llm_lr and its segmentation head at sft.lr: both reach

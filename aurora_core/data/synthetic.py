@@ -332,14 +332,15 @@ def make_expressions(objs: list[SynthObject], split: str, absent: list[Category]
 CORPUS_STREAM = 1000  # the text corpus's rng stream: apart from every split's (SPLITS.index: 0..4)
 
 
-def cot_corpus(scenes: int, seed: int, data: DataConfig) -> list[tuple[str, str]]:
+def cot_corpus(scenes: int, seed: int, data: DataConfig, start: int = 0) -> list[tuple[str, str]]:
     """(expression, CoT) pairs of ``scenes`` synthetic train-like scenes that are never rendered: the
     tiny LLM's text pretraining corpus (aurora_core.train.text_pretrain). Drawn as the train split's
     scenes are (seen categories, ``data.synthetic``'s objects, expressions and null rate), from the
-    rng stream ``[seed, CORPUS_STREAM, i]``, which no split of the benchmark uses."""
+    rng stream ``[seed, CORPUS_STREAM, i]`` for i in ``start .. start + scenes - 1``, which no split of
+    the benchmark uses (the pretraining holds out the scenes after its corpus's to measure it)."""
     syn = data.synthetic
     out: list[tuple[str, str]] = []
-    for idx in range(scenes):
+    for idx in range(start, start + scenes):
         rng = np.random.default_rng([seed, CORPUS_STREAM, idx])
         n = int(rng.integers(syn.min_objects, syn.max_objects + 1))
         cats = _pick_categories("train", n, rng)
