@@ -409,12 +409,11 @@ def test_the_rope_sections_reach_the_model(built, small_cfg):
         lm = model.thinker.model.language_model
         return list(lm.config.rope_parameters["mrope_section"]), lm.rotary_emb.inv_freq
 
-    default, inv_freq = sections(built[0])
-    assert default == [4, 6, 6] and inv_freq[sum(default[:2])] < 0.06
-    model_cfg = dataclasses.replace(small_cfg.model, tiny=dataclasses.replace(small_cfg.model.tiny,
-                                                                             mrope_section=[1, 1, 14]))
-    wide, inv_freq = sections(build_model(model_cfg, small_cfg.data)[0])
+    wide, inv_freq = sections(built[0])  # configs/tiny.yaml
     assert wide == [1, 1, 14] and inv_freq[2] >= 0.5
+    model_cfg = dataclasses.replace(small_cfg.model, tiny=dataclasses.replace(small_cfg.model.tiny, mrope_section=[]))
+    qwen, inv_freq = sections(build_model(model_cfg, small_cfg.data)[0])
+    assert qwen == [4, 6, 6] and inv_freq[sum(qwen[:2])] < 0.06
 
 
 def test_mrope_sections_must_sum_to_half_the_head():
