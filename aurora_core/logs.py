@@ -101,9 +101,12 @@ def progress_env(interactive: bool) -> dict[str, str]:
     Ray workers: Ray Data's (Ray Train's ingest actor draws them through Ray's distributed tqdm, cursor
     escapes and all, whatever the console; Ray Data then reports progress as INFO records) and
     transformers' "Loading weights" bars (huggingface_hub's switch, read when transformers is imported:
-    a training worker imports it after :func:`setup`). Values the user set win."""
+    a training worker imports it after :func:`setup`), nor the colour codes Ray wraps round the
+    ``(RayTrainWorker pid=...)`` prefix of the workers' lines it prints (read by the driver at each
+    line). Values the user set win."""
     env = {"RAY_DATA_LOG_LEVEL": "WARNING"}
     if not interactive:
         env["RAY_TQDM"] = "0"
         env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        env["RAY_COLOR_PREFIX"] = "0"
     return {k: os.environ.get(k, v) for k, v in env.items()}

@@ -22,7 +22,9 @@ from conftest import NO_CACHE, ROOT, SMALL_DATA, ZERO3_GATHERS, decoded_rows
 
 pytestmark = pytest.mark.slow
 
-GRPO = ["grpo.max_new_tokens=24", "grpo.allow_truncation=true", "grpo.rollout_actors=2", "grpo.cpus_per_actor=0.5", "grpo.learner_cpus=0.5"]
+# the tests' GRPO shape (the default draws 8 prompts x 6 samples with dynamic sampling)
+GRPO = ["grpo.prompts_per_step=4", "grpo.num_samples=3", "grpo.micro_batch=6", "grpo.dynamic_sampling=false",
+        "grpo.max_new_tokens=24", "grpo.allow_truncation=true", "grpo.rollout_actors=2", "grpo.cpus_per_actor=0.5", "grpo.learner_cpus=0.5"]
 
 
 def cfg_for(root, shards_dir, *extra):

@@ -57,10 +57,10 @@ def test_library_noise_goes_to_the_file_and_ours_to_the_console(tmp_path, capsys
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
-    for k in ("RAY_TQDM", "RAY_DATA_LOG_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for k in ("RAY_TQDM", "RAY_DATA_LOG_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
         monkeypatch.delenv(k, raising=False)
     assert logs.progress_env(interactive=False) == {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TQDM": "0",
-                                                    "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+                                                    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_COLOR_PREFIX": "0"}
     assert logs.progress_env(interactive=True) == {"RAY_DATA_LOG_LEVEL": "WARNING"}
     monkeypatch.setenv("RAY_DATA_LOG_LEVEL", "DEBUG")
     assert logs.progress_env(interactive=True)["RAY_DATA_LOG_LEVEL"] == "DEBUG"  # the user's choice wins

@@ -32,7 +32,9 @@ TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clip
          "sft.val_every_epochs=3", "reflect.epochs=1",
          "inference.max_new_tokens=40", "inference.batch_size=16"]
 CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~100 train rows: 12 steps per epoch
-CHAIN_RL = ["grpo.steps=2", "grpo.max_new_tokens=40", "grpo.allow_truncation=true", "eval.max_new_tokens=60", "eval.overlays=1"]
+# the default draws 8 prompts x 6 samples a step with dynamic sampling: the chain keeps 4 x 3, one refill round
+CHAIN_RL = ["grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_samples=3", "grpo.max_refill_rounds=1",
+            "grpo.max_new_tokens=40", "grpo.allow_truncation=true", "eval.max_new_tokens=60", "eval.overlays=1"]
 
 
 def cfg_for(root: Path, *extra: str):
