@@ -33,7 +33,7 @@ TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clip
          "inference.max_new_tokens=40", "inference.batch_size=16"]
 CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~100 train rows: 12 steps per epoch
 # the default draws 8 prompts x 6 samples a step with dynamic sampling: the chain keeps 4 x 3, one refill round
-CHAIN_RL = ["grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_samples=3", "grpo.max_refill_rounds=1",
+CHAIN_RL = ["grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_samples=3", "grpo.micro_batch=6", "grpo.max_refill_rounds=1",
             "grpo.max_new_tokens=40", "grpo.allow_truncation=true", "eval.max_new_tokens=60", "eval.overlays=1"]
 
 
