@@ -67,7 +67,7 @@ def test_weights_that_do_not_fit_fail_naming_the_file(tmp_path):
         build_model(cfg.model, cfg.data)
 
     other = tiny("text_pretrain.steps=1", "text_pretrain.scenes=4", "model.tiny.hidden_size=64",
-                 "model.tiny.intermediate_size=128")
+                 "model.tiny.intermediate_size=128", "model.tiny.mrope_section=[2,3,3]")  # a half head of 8
     narrow = tmp_path / "narrow.safetensors"
     text_pretrain.pretrain(other, narrow)
     cfg.model.tiny.llm_weights = str(narrow)
