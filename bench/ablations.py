@@ -21,10 +21,12 @@ Mix / Seen / Unseen J, Null S, the share of test_n answers saying none, and on t
 rate, class accuracy and J by the synthetic expression's kind: what the expression refers by),
 writes ``<run.root>/ablations.json`` and logs every run to one MLflow store
 (``<run.root>/ablations-mlflow.db``, experiment ``aurora-ablations``). What it divides by: J over all
-frames of the rows of a kind (test_s), class accuracy and structure rate over test_s rows. 1,379 s on
-2 CPU cores with the tiny default in a slow hour (SFT at 33-51 samples/s against 60-80): the full
-pipeline (teacher 153 s, SFT 282 s, reflect 56 s), -distillation (SFT 252 s, reflect, GRPO), -reflect
-(GRPO 45 s), each evaluation 24-33 s. An earlier default took 763 s in a quiet hour.
+frames of the rows of a kind (test_s), class accuracy and structure rate over test_s rows. A second
+table asks whether the mask follows the answer: of the test_s rows where the full model's weights on
+ablated inputs name another class than on the full ones, how far the IoU moved (mask_follows_answer).
+2,732 s on 2 CPU cores with the tiny default in a slow hour (SFT 463 s against 310 in the demo): the full
+pipeline 1,327 s (text pretraining 260 s, teacher 196 s, SFT 463 s, reflect 78 s, GRPO 156 s),
+-distillation 833 s (SFT, reflect, GRPO), -reflect 202 s, each evaluation 43-77 s.
 """
 
 from __future__ import annotations
@@ -38,11 +40,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aurora_core import cli, stages  # noqa: E402
+from aurora_core import cli, reasoning, stages  # noqa: E402
 from aurora_core.config import load_config  # noqa: E402
 
 KINDS = ("category", "position", "sound", "time", "combo")
 COLUMNS = ("Mix J", "Seen J", "Unseen J", "Null S")
+INPUT_ABLATIONS = ("audio", "video", "text")
+
+
+def mask_follows_answer(full_rows: list[dict], ablated_rows: list[dict]) -> dict[str, float | int | None]:
+    """Does the mask depend on what the model says? ``answers.jsonl`` records of the *same weights* on
+    the full and on ablated inputs. The decoder sees the text only through the ``[SEG]`` state (the
+    video ablation blanks the thinker's frames, SAM keeps the real ones), so on the test_s rows where
+    both answers name a class and the classes differ, a mask that follows the answer moves its IoU;
+    ``unmoved`` counts the rows whose IoU moved by under 0.01. Rows answered ``none`` on either side
+    are left out (their masks are emptied by rule: ``model.empty_mask_on_none``)."""
+    ablated = {r["key"]: r for r in ablated_rows}
+    moved = []
+    for r in full_rows:
+        q = ablated.get(r["key"])
+        if r["split"] != "test_s" or q is None:
+            continue
+        a, b = r.get("pred_class"), q.get("pred_class")
+        if a in (None, reasoning.NULL_CLASS) or b in (None, reasoning.NULL_CLASS) or a == b:
+            continue
+        moved.append(abs(r["iou"] - q["iou"]))
+    return {"rows": len(moved), "mean_abs_diou": sum(moved) / len(moved) if moved else None,
+            "unmoved": sum(d < 0.01 for d in moved)}
+
+
+def render_follows(follows: dict[str, dict]) -> str:
+    head = f"{'variant':<10}{'rows':>6}{'mean |dIoU|':>13}{'|dIoU| < 0.01':>15}"
+    lines = ["Does the mask follow the answer? test_s rows where the full model and the same weights on ablated",
+             "inputs name different classes (neither none), and how far their mask IoU moved:", head, "-" * len(head)]
+    for name, f in follows.items():
+        m = "-" if f["mean_abs_diou"] is None else f"{f['mean_abs_diou']:.4f}"
+        lines.append(f"{name:<10}{f['rows']:>6}{m:>13}{f['unmoved']:>15}")
+    return "\n".join(lines)
 
 
 def row_of(result: dict) -> dict[str, float | None]:
@@ -139,7 +173,7 @@ def main() -> int:
         drawn.tracking.experiment = "aurora-ablations"
         timed("full drawn masks", lambda: stages.evaluate(drawn, tracker, parent, layout.export("grpo"),
                                                            "full-drawn-masks"))
-        for what in ("audio", "video", "text"):
+        for what in INPUT_ABLATIONS:
             ab = cfg_of("full", f"eval.ablate={what}")
             ab.tracking.experiment = "aurora-ablations"
             timed(f"-{what}", lambda ab=ab, what=what: stages.evaluate(ab, tracker, parent, layout.export("grpo"),
@@ -150,9 +184,16 @@ def main() -> int:
 
     rows = {name: row_of(r) for name, r in results.items()}
     table = render(rows)
+
+    def answers(name: str) -> list[dict]:
+        return [json.loads(line) for line in (layout.dir / "eval" / name / "answers.jsonl").read_text().splitlines()]
+
+    follows = {f"-{what}": mask_follows_answer(answers("full"), answers(f"full-no-{what}"))
+               for what in INPUT_ABLATIONS}
+    table += "\n\n" + render_follows(follows)
     title = (f"Ablations ({full.data.source.value} Ref-AVS, seed {full.run.seed}; official protocol J / Null S; "
              "Struct, Class and J by expression kind on test_s)")
-    out = {"title": title, "rows": rows, "seconds": seconds, "total_seconds": time.time() - t0,
+    out = {"title": title, "rows": rows, "mask_follows_answer": follows, "seconds": seconds, "total_seconds": time.time() - t0,
            "results": {n: str(Path(r["model"])) for n, r in results.items()}}
     (root / "ablations.json").write_text(json.dumps(out, indent=1))
     from aurora_core.tracking import RunLogger

@@ -117,3 +117,52 @@ def test_step_check_reads_the_check_from_step_1_3_and_4():
     assert counts["category"] == {"step1 lists it, says a": 2, "unparsed": 1}
     assert counts["null"] == {"step1 lacks it, says a": 1, "step1 lacks it, says no": 1}
     assert counts["slot"] == {"other slot": 1, "same slot": 1}
+
+
+def test_ablation_bench_measures_whether_the_mask_follows_the_answer():
+    """bench/ablations.py: of the test_s rows where the same weights on full and ablated inputs name different
+    classes (neither none), how far the IoU moved, and how many rows it did not move."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("ablations", ROOT / "bench" / "ablations.py")
+    ablations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablations)
+
+    def row(key, split, cls, iou):
+        return {"key": key, "split": split, "pred_class": cls, "iou": iou}
+
+    full = [row("a", "test_s", "horn", 0.20), row("b", "test_s", "drum", 0.40), row("c", "test_s", "null", 0.0),
+            row("d", "test_n", "gong", 0.5), row("e", "test_s", "bell", 0.30), row("f", "test_s", None, 0.1)]
+    ablated = [row("a", "test_s", "violin", 0.205), row("b", "test_s", "horn", 0.10), row("c", "test_s", "flute", 0.3),
+               row("d", "test_n", "drum", 0.0), row("e", "test_s", "bell", 0.9), row("f", "test_s", "horn", 0.5)]
+    f = ablations.mask_follows_answer(full, ablated)
+    assert f["rows"] == 2 and f["unmoved"] == 1  # a (moved 0.005) and b (0.30); c, f: no class; d: test_n; e: same
+    assert abs(f["mean_abs_diou"] - 0.1525) < 1e-9
+    assert ablations.mask_follows_answer(full[:1], [row("a", "test_s", "horn", 0.2)])["mean_abs_diou"] is None
+    assert "-text" in ablations.render_follows({"-text": f})
+
+
+def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
+    """bench/seg_prompt_probe.py: the linear class probe reads classes from states that carry them (and not
+    from states that do not), and ``moved`` tells the same masks (1.0) from disjoint ones (0.0)."""
+    import importlib.util
+
+    import torch
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("seg_prompt_probe", ROOT / "bench" / "seg_prompt_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g = torch.Generator().manual_seed(0)
+    y_tr, y_te = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (50,), generator=g)
+    centres = 3.0 * torch.randn(4, 16, generator=g)
+    carry = lambda y: centres[y] + torch.randn(len(y), 16, generator=g)  # noqa: E731
+    assert probe.class_probe(carry(y_tr), y_tr, carry(y_te), y_te, 4) == (1.0, 1.0)
+    _, test_acc = probe.class_probe(torch.randn(200, 16, generator=g), y_tr, torch.randn(50, 16, generator=g), y_te, 4)
+    assert test_acc < 0.5  # chance is 0.25
+    logits = torch.full((1, 8, 8), -10.0)
+    logits[0, :4] = 10.0
+    assert abs(probe.moved([logits], [logits]) - 1.0) < 1e-6  # mask_iou smooths by 1e-7
+    assert probe.moved([logits], [-logits]) < 1e-6

@@ -1,0 +1,244 @@
+"""Does the mask decoder read the referent from the ``[SEG]`` prompt? One export of a run.
+
+    python bench/seg_prompt_probe.py [--config configs/tiny.yaml] [--stage sft] [--steps 400] [--out probe.json] \
+        [key=value ...]        # run.root=... run.name=... as the pipelines (default: runs/tiny)
+
+The masks of LISA-style models come from SAM's decoder prompted with ``seg_proj`` of the LLM's last
+hidden state at ``[SEG]``: they can segment the object a sentence refers to only if that prompt
+carries the referent and the decoder uses it. This reads the run's shards, its frozen-feature cache
+and ``exports/<stage>``, every row teacher-forced on the answer its stage trains on (the teacher:
+``It is <class> [SEG].``; the others: the row's ground-truth CoT), so the class is in the text.
+
+1. **The export as trained**, on the test_s rows with a referent: the prompt's mean norm and its
+   spread (the norm of the per-dimension standard deviation over rows); a linear probe's class
+   accuracy from the ``[SEG]`` hidden state (fit on the train rows); the masks' IoU with their own
+   prompt, another row's, a zero one and a random one of the same norm, and how far each moved from
+   the own prompt's masks (the IoU of their foregrounds). Masks that stay put under another row's
+   prompt do not depend on the referent.
+2. **Can the decoder refer?** From the export's decoder, ``--steps`` steps of 16 train rows (3
+   frames each, AdamW at 5e-3, 2 x BCE + 0.5 x Dice as the stages) on the frozen SAM embeddings,
+   with three prompts: one learned vector for every row (a prior: the best mask without a
+   referent), one learned vector per target class (an oracle that names the class), and the export's
+   ``seg_proj`` on the frozen ``[SEG]`` hidden states (what the model can pass on). test_s IoU of each.
+
+What it divides by: IoU is per row (the mean over its frames with a ground-truth mask, sigmoid >
+0.4, at the decoder's mask size), averaged over the test_s rows with a referent. Part 2 holds the
+row draws fixed across the three prompts (seed 0). What it printed on the tiny default is in the
+README's demo section ("The masks do not follow the reference").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aurora_core import cli, losses, reasoning, stages  # noqa: E402
+from aurora_core.config import load_config  # noqa: E402
+from aurora_core.data import shards  # noqa: E402
+from aurora_core.metrics import mask_iou  # noqa: E402
+from aurora_core.model.build import load_export  # noqa: E402
+
+THRESHOLD = 0.4  # Ref-AVS's J threshold
+ROWS, FRAMES, LR = 16, 3, 5e-3  # a step of part 2, as the supervised stages
+
+
+def read_split(layout: stages.RunLayout, split: str) -> dict[str, np.ndarray]:
+    """The split's rows that have a referent, decoded with the frozen-feature cache (no media)."""
+    import pyarrow.parquet as pq
+
+    d = layout.cfg.data
+    table = pq.read_table(shards.split_files(layout.shards, [split]))
+    raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
+           if c not in shards.MEDIA_COLUMNS}
+    dec = shards.decode_batch(raw, d.frame_size, d.num_frames, d.sample_rate, d.audio_seconds,
+                              features_dir=d.features_dir)
+    keep = dec["has_target"]
+    return {k: v[keep] for k, v in dec.items()}
+
+
+def seg_hidden(model, proc, rows: dict[str, np.ndarray], stage: str, batch: int = 32) -> torch.Tensor:
+    """[N, H] the last hidden state at the answer's [SEG], teacher-forced (seg_proj's input)."""
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.seg_proj.register_forward_hook(lambda m, args, out: seen.update(h=args[0].detach()))
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(rows["key"]), batch):
+                b = shards.collate({k: v[i:i + batch] for k, v in rows.items()})
+                answers = ([reasoning.direct_answer(c) for c in b["class"]] if stage == "teacher" else list(b["cot"]))
+                model(proc.train_batch(b, answers), with_masks=False)
+                out.append(seen["h"].float())
+    finally:
+        hook.remove()
+    return torch.cat(out)
+
+
+def decode(model, prompts: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """[B, D] prompts x [B*T, D, e, e] SAM embeddings -> mask logits [B, T, S, S]."""
+    b = prompts.shape[0]
+    return model.decode_masks(prompts, torch.zeros(b, emb.shape[0] // b), torch.ones(b, dtype=torch.bool), emb)
+
+
+def gt_at(masks: np.ndarray, size: int) -> torch.Tensor:
+    return torch.nn.functional.interpolate(torch.from_numpy(masks).float(), size=(size, size), mode="nearest")
+
+
+def test_ious(model, prompts: torch.Tensor, te: dict[str, np.ndarray]) -> tuple[float, list[torch.Tensor]]:
+    """Mean IoU over test rows (their frames with ground truth) and each row's mask logits."""
+    ious, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(te["key"]), 8):
+            emb = torch.from_numpy(te["sam_embeddings"][i:i + 8]).float().flatten(0, 1)
+            m = decode(model, prompts[i:i + 8], emb)
+            gt = gt_at(te["masks"][i:i + 8], m.shape[-1])
+            for j in range(m.shape[0]):
+                valid = torch.from_numpy(te["gt_frames"][i + j])
+                ious.append(mask_iou(m[j][valid], gt[j][valid], THRESHOLD))
+                logits.append(m[j])
+    return float(np.mean(ious)), logits
+
+
+def moved(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Mean over rows of the IoU between two predictions' foregrounds (1.0: the same masks)."""
+    return float(np.mean([mask_iou(x, (torch.sigmoid(y) > THRESHOLD).float(), THRESHOLD) for x, y in zip(a, b)]))
+
+
+def class_probe(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Tensor, y_test: torch.Tensor,
+                n_classes: int, steps: int = 500) -> tuple[float, float]:
+    """A linear classifier on standardised hidden states, full-batch Adam: train and test accuracy."""
+    torch.manual_seed(0)
+    mu, sd = h_train.mean(0), h_train.std(0) + 1e-6
+    lin = torch.nn.Linear(h_train.shape[1], n_classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(lin((h_train - mu) / sd), y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = lambda h, y: float((lin((h - mu) / sd).argmax(1) == y).float().mean())  # noqa: E731
+        return acc(h_train, y_train), acc(h_test, y_test)
+
+
+def train_decoder(model, prompt_of, params: list[torch.nn.Parameter], tr: dict[str, np.ndarray], steps: int,
+                  label: str) -> None:
+    """``steps`` steps of the decoder (and ``params``) on train rows; ``prompt_of(idx)`` -> [B, D]."""
+    opt = torch.optim.AdamW(list(model.sam.mask_decoder.parameters()) + params, lr=LR, weight_decay=0.0)
+    rng = np.random.default_rng(0)  # the same row and frame draws for every prompt
+    n, t = len(tr["key"]), tr["masks"].shape[1]
+    t0 = time.time()
+    for step in range(steps):
+        idx = rng.choice(n, ROWS, replace=False)
+        frames = torch.from_numpy(np.stack([rng.choice(t, FRAMES, replace=False) for _ in idx]))
+        rows = torch.arange(ROWS)[:, None]
+        emb = torch.from_numpy(tr["sam_embeddings"][idx]).float()[rows, frames].flatten(0, 1)
+        m = decode(model, prompt_of(idx), emb)
+        gt = gt_at(tr["masks"][idx], m.shape[-1])[rows, frames]
+        valid = torch.from_numpy(tr["gt_frames"][idx])[rows, frames]
+        loss = 2.0 * losses.mask_bce(m, gt, valid=valid) + 0.5 * losses.dice_loss(m, gt, valid=valid)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % max(1, steps // 4) == 0:
+            print(f"  [{label}] step {step + 1}/{steps}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(cli.DEFAULT_CONFIG))
+    ap.add_argument("--stage", default="sft", help="the export to read: teacher | sft | reflect | grpo")
+    ap.add_argument("--steps", type=int, default=400, help="decoder steps of part 2 per prompt (0: part 1 only)")
+    ap.add_argument("--out", type=Path, help="write the numbers as JSON here")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.cache_frozen_features:
+        print("error: the probe reads SAM's embeddings from the frozen-feature cache: data.cache_frozen_features=true",
+              file=sys.stderr)
+        return 2
+    layout = stages.RunLayout(cfg)
+    export = stages.require_export(layout, args.stage, args.stage)
+    base = layout.dir / "base" / "llm.safetensors"
+    if cfg.text_pretrain.steps and not cfg.model.tiny.llm_weights and base.is_file():
+        cfg.model.tiny.llm_weights = str(base)  # the run's pretrained LLM (the export overwrites what it trained)
+    stages.require_shards(layout)
+    torch.manual_seed(0)
+    tr, te = read_split(layout, "train"), read_split(layout, "test_s")
+    model, proc, _ = load_export(export, cfg.data, trainable=False, runtime=cfg.model)
+    model.eval()
+    print(f"[probe] {export}: {len(tr['key'])} train and {len(te['key'])} test_s rows with a referent", flush=True)
+
+    # 1. the export as trained
+    t0 = time.time()
+    h_tr, h_te = seg_hidden(model, proc, tr, args.stage), seg_hidden(model, proc, te, args.stage)
+    classes = sorted(set(tr["class"]) | set(te["class"]))
+    y = lambda rows: torch.tensor([classes.index(c) for c in rows["class"]])  # noqa: E731
+    probe_train, probe_test = class_probe(h_tr, y(tr), h_te, y(te), len(classes))
+    with torch.no_grad():
+        seg = model.seg_proj(h_te.to(model.seg_proj[0].weight.dtype)).float()
+    own_iou, own = test_ious(model, seg, te)
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(seg.shape, generator=g)
+    swaps = {"another row's": seg.roll(1, 0), "zero": torch.zeros_like(seg),
+             "random, same norm": rand / rand.norm(dim=1, keepdim=True) * seg.norm(dim=1, keepdim=True)}
+    part1 = {"prompt_norm": float(seg.norm(dim=1).mean()), "prompt_spread": float(seg.std(0).norm()),
+             "class_probe_train": probe_train, "class_probe_test": probe_test,
+             "iou": {"own": own_iou}, "same_masks_as_own": {}}
+    for name, s in swaps.items():
+        part1["iou"][name], logits = test_ious(model, s, te)
+        part1["same_masks_as_own"][name] = moved(logits, own)
+    print(f"[probe] 1. {args.stage} as trained ({time.time() - t0:.0f}s): [SEG] prompt norm {part1['prompt_norm']:.2f}, "
+          f"spread over rows {part1['prompt_spread']:.2f}; class from the [SEG] hidden state (linear probe) "
+          f"train {probe_train:.3f}, test_s {probe_test:.3f}")
+    print(f"{'prompt':<20}{'test_s IoU':>12}{'same masks as own':>19}")
+    print(f"{'own':<20}{own_iou:>12.4f}{1.0:>19.4f}")
+    for name in swaps:
+        print(f"{name:<20}{part1['iou'][name]:>12.4f}{part1['same_masks_as_own'][name]:>19.4f}")
+
+    # 2. can the decoder refer?
+    part2: dict[str, float] = {}
+    if args.steps:
+        decoder0 = copy.deepcopy(model.sam.mask_decoder.state_dict())
+        proj0 = copy.deepcopy(model.seg_proj.state_dict())
+        width = seg.shape[1]
+        cls_tr, cls_te = y(tr), y(te)
+        for name in ("one prompt (prior)", "a prompt per class (oracle)", "seg_proj([SEG] state)"):
+            torch.manual_seed(0)
+            model.sam.mask_decoder.load_state_dict(decoder0)
+            model.seg_proj.load_state_dict(proj0)
+            for p in [*model.sam.mask_decoder.parameters(), *model.seg_proj.parameters()]:
+                p.requires_grad_(True)
+            if name.startswith("seg_proj"):
+                params = list(model.seg_proj.parameters())
+                prompt_of = lambda idx: model.seg_proj(h_tr[idx])  # noqa: E731
+                test_prompts = lambda: model.seg_proj(h_te)  # noqa: E731
+            else:
+                table = torch.nn.Embedding(len(classes) if "class" in name else 1, width)
+                params = list(table.parameters())
+                pick = (lambda c: c) if "class" in name else (lambda c: torch.zeros_like(c))
+                prompt_of = lambda idx, t=table, p=pick: t(p(cls_tr[idx]))  # noqa: E731
+                test_prompts = lambda t=table, p=pick: t(p(cls_te))  # noqa: E731
+            train_decoder(model, prompt_of, params, tr, args.steps, name)
+            with torch.no_grad():
+                part2[name] = test_ious(model, test_prompts(), te)[0]
+        print(f"[probe] 2. the {args.stage} decoder trained {args.steps} steps of {ROWS} rows per prompt:")
+        for name, v in part2.items():
+            print(f"{name:<30} test_s IoU {v:.4f}")
+    if args.out:
+        args.out.write_text(json.dumps({"stage": args.stage, "export": str(export), "steps": args.steps,
+                                        "as_trained": part1, "decoder_trained": part2}, indent=1))
+        print(f"[probe] {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
