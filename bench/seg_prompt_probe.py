@@ -21,6 +21,9 @@ and ``exports/<stage>``, every row teacher-forced on the answer its stage trains
    referent), one learned vector per target class (an oracle that names the class), and the export's
    ``seg_proj`` on the frozen ``[SEG]`` hidden states (what the model can pass on). test_s IoU of each.
 
+It holds the train split's SAM embeddings in memory (the tiny default's: ~42 MiB; SAM ViT-H's are 2
+MiB a frame, ~20 GiB for Ref-AVS's train split): a probe of the small models, not of a 7B run.
+
 What it divides by: IoU is per row (the mean over its frames with a ground-truth mask, sigmoid >
 0.4, at the decoder's mask size), averaged over the test_s rows with a referent. Part 2 holds the
 row draws fixed across the three prompts (seed 0). What it printed on the tiny default is in the
