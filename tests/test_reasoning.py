@@ -92,13 +92,7 @@ def test_reflective_targets_split_into_own_reasoning_and_correction():
 def test_step_check_reads_the_check_from_step_1_3_and_4():
     """bench/step_check.py: "no" where Step 1 lacks Step 3's class is the check followed; a slot Step 1 gave
     the class (any of them when it names the class twice) is the same slot; other sentences are unparsed."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("step_check", ROOT / "bench" / "step_check.py")
-    step_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(step_check)
+    step_check = bench_script("step_check")
     head = "step 1 : in the frames i see on the left a horn and on the right a drum . step 2 : in the audio i hear the drum ."
     rows = [
         {"split": "test_s", "kind": "category",
@@ -122,13 +116,7 @@ def test_step_check_reads_the_check_from_step_1_3_and_4():
 def test_ablation_bench_measures_whether_the_mask_follows_the_answer():
     """bench/ablations.py: of the test_s rows where the same weights on full and ablated inputs name different
     classes (neither none), how far the IoU moved, and how many rows it did not move."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "bench" / "ablations.py")
-    ablations = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablations)
+    ablations = bench_script("ablations")
 
     def row(key, split, cls, iou):
         return {"key": key, "split": split, "pred_class": cls, "iou": iou}
@@ -147,14 +135,9 @@ def test_ablation_bench_measures_whether_the_mask_follows_the_answer():
 def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
     """bench/seg_prompt_probe.py: the linear class probe reads classes from states that carry them (and not
     from states that do not), and ``moved`` tells the same masks (1.0) from disjoint ones (0.0)."""
-    import importlib.util
-
     import torch
-    from conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("seg_prompt_probe", ROOT / "bench" / "seg_prompt_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = bench_script("seg_prompt_probe")
     g = torch.Generator().manual_seed(0)
     y_tr, y_te = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (50,), generator=g)
     centres = 3.0 * torch.randn(4, 16, generator=g)
@@ -166,3 +149,15 @@ def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
     logits[0, :4] = 10.0
     assert abs(probe.moved([logits], [logits]) - 1.0) < 1e-6  # mask_iou smooths by 1e-7
     assert probe.moved([logits], [-logits]) < 1e-6
+
+
+def bench_script(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
