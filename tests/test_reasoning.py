@@ -134,7 +134,8 @@ def test_ablation_bench_measures_whether_the_mask_follows_the_answer():
 
 def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
     """bench/seg_prompt_probe.py: the linear class probe reads classes from states that carry them (and not
-    from states that do not), and ``moved`` tells the same masks (1.0) from disjoint ones (0.0)."""
+    from states that do not), ``class_share`` and ``standardiser`` measure and rescale such states, and
+    ``moved`` tells the same masks (1.0) from disjoint ones (0.0)."""
     import torch
 
     probe = bench_script("seg_prompt_probe")
@@ -143,6 +144,15 @@ def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
     centres = 3.0 * torch.randn(4, 16, generator=g)
     carry = lambda y: centres[y] + torch.randn(len(y), 16, generator=g)  # noqa: E731
     assert probe.class_probe(carry(y_tr), y_tr, carry(y_te), y_te, 4) == (1.0, 1.0)
+    # part 2's standardised prompt reads (h - mean) / sd of the train rows: a large shared vector
+    # plus a small per-row part (as the [SEG] states) comes out centred at unit scale per feature
+    h = 13.0 + 0.1 * torch.randn(200, 16, generator=g)
+    mu, sd = probe.standardiser(h)
+    z = (h - mu) / sd
+    assert z.mean(0).abs().max() < 1e-4 and (z.std(0) - 1.0).abs().max() < 1e-3
+    assert probe.class_share(centres[y_tr], y_tr) > 0.999  # every row its class's mean
+    assert probe.class_share(carry(y_tr), y_tr) > 0.8  # centres 3 x the noise: ~9/10 of the variance
+    assert probe.class_share(torch.randn(200, 16, generator=g), y_tr) < 0.1  # 3/199 by chance
     _, test_acc = probe.class_probe(torch.randn(200, 16, generator=g), y_tr, torch.randn(50, 16, generator=g), y_te, 4)
     assert test_acc < 0.5  # chance is 0.25
     logits = torch.full((1, 8, 8), -10.0)
