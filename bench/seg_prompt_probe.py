@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         part1["iou"][name], logits = test_ious(model, s, te)
         part1["same_masks_as_own"][name] = moved(logits, own)
     print(f"[probe] 1. {args.stage} as trained ({time.time() - t0:.0f}s): [SEG] prompt norm "
-          f"{part1['prompt_norm']:.2f}, "
-          f"spread over rows {part1['prompt_spread']:.2f}; the [SEG] hidden state on train rows: norm "
+          f"{part1['prompt_norm']:.2f}, spread over rows {part1['prompt_spread']:.2f}; the [SEG] hidden state "
+          f"on train rows: norm "
           f"{part1['state_norm']:.2f}, spread {part1['state_spread']:.2f}, the class's share of its variance "
           f"{part1['state_class_share']:.3f}; class from the [SEG] hidden state (linear probe) "
           f"train {probe_train:.3f}, test_s {probe_test:.3f}")

@@ -99,6 +99,16 @@ def small_shards(small_cfg):
     return out
 
 
+def load_script(path: Path):
+    """A script of bench/ or pipelines/ imported as a module (neither folder is a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None):
     import subprocess
 

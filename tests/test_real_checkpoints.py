@@ -7,7 +7,6 @@ step and an evaluation batch run, reading SAM's embeddings from the feature cach
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -22,23 +21,19 @@ from safetensors.torch import save_file
 
 from aurora_core.model.build import _load_thinker
 from aurora_core.model.tokenizer import MM_TOKENS, load_tokenizer
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
 pytestmark = pytest.mark.slow
 
 
-def checkpoint_builder():
-    spec = importlib.util.spec_from_file_location("make_reduced_checkpoint", ROOT / "bench" / "make_reduced_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+CHECKPOINT_BUILDER = ROOT / "bench" / "make_reduced_checkpoint.py"
 
 
 @pytest.fixture(scope="module")
 def reduced(tmp_path_factory):
     """3.1 GB on disk (two 1.5 GB thinkers: the 151,936 x 2,048 embedding and lm_head dominate),
     removed when the module is done so that it does not stay on a CI disk for the session."""
-    mod = checkpoint_builder()
+    mod = load_script(CHECKPOINT_BUILDER)
     out = tmp_path_factory.mktemp("ckpt")
     yield mod, mod.build(out, "3b", 1, "vit-b")
     shutil.rmtree(out, ignore_errors=True)
@@ -87,8 +82,9 @@ def test_zero_init_builds_the_model_partitioned_with_the_files_weights(reduced, 
 
     _, dirs = reduced
     out = tmp_path / "rank.json"
+    overrides = load_script(CHECKPOINT_BUILDER).cpu_overrides(dirs, tmp_path / "runs")
     mp.start_processes(construction_memory.worker, nprocs=1, start_method="spawn",
-                       args=(1, _free_port(), checkpoint_builder().cpu_overrides(dirs, tmp_path / "runs"), True, str(out)))
+                       args=(1, _free_port(), overrides, True, str(out)))
     (w,) = json.loads(out.read_text())
     assert w["weights_loaded"] == 1.0
     assert w["partitioned_params"] > 0.95 * w["local_params"], w  # all but what peft / token_rows / seg_proj add
@@ -147,7 +143,7 @@ def test_the_checkpoints_processor_settings_are_read_and_checked(reduced, tmp_pa
 
 
 def real_overrides(dirs, root) -> list[str]:
-    return checkpoint_builder().cpu_overrides(dirs, root)
+    return load_script(CHECKPOINT_BUILDER).cpu_overrides(dirs, root)
 
 
 def real_cfg(dirs, root):

@@ -1,6 +1,7 @@
 import pytest
 
 from aurora_core import reasoning as R
+from conftest import ROOT, load_script
 
 
 def test_formats():
@@ -92,7 +93,7 @@ def test_reflective_targets_split_into_own_reasoning_and_correction():
 def test_step_check_reads_the_check_from_step_1_3_and_4():
     """bench/step_check.py: "no" where Step 1 lacks Step 3's class is the check followed; a slot Step 1 gave
     the class (any of them when it names the class twice) is the same slot; other sentences are unparsed."""
-    step_check = bench_script("step_check")
+    step_check = load_script(ROOT / "bench" / "step_check.py")
     head = "step 1 : in the frames i see on the left a horn and on the right a drum . step 2 : in the audio i hear the drum ."
     rows = [
         {"split": "test_s", "kind": "category",
@@ -116,7 +117,7 @@ def test_step_check_reads_the_check_from_step_1_3_and_4():
 def test_ablation_bench_measures_whether_the_mask_follows_the_answer():
     """bench/ablations.py: of the test_s rows where the same weights on full and ablated inputs name different
     classes (neither none), how far the IoU moved, and how many rows it did not move."""
-    ablations = bench_script("ablations")
+    ablations = load_script(ROOT / "bench" / "ablations.py")
 
     def row(key, split, cls, iou):
         return {"key": key, "split": split, "pred_class": cls, "iou": iou}
@@ -138,7 +139,7 @@ def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
     ``moved`` tells the same masks (1.0) from disjoint ones (0.0)."""
     import torch
 
-    probe = bench_script("seg_prompt_probe")
+    probe = load_script(ROOT / "bench" / "seg_prompt_probe.py")
     g = torch.Generator().manual_seed(0)
     y_tr, y_te = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (50,), generator=g)
     centres = 3.0 * torch.randn(4, 16, generator=g)
@@ -160,14 +161,3 @@ def test_seg_prompt_probe_reads_a_class_only_where_the_states_carry_it():
     assert abs(probe.moved([logits], [logits]) - 1.0) < 1e-6  # mask_iou smooths by 1e-7
     assert probe.moved([logits], [-logits]) < 1e-6
 
-
-def bench_script(name: str):
-    """A script of bench/ imported as a module (bench/ is not a package)."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

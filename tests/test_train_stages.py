@@ -21,7 +21,7 @@ from aurora_core.data import feature_cache, shards
 from aurora_core.data.shards import null_keys, split_keys
 from aurora_core.data.synthetic import CATEGORIES
 from aurora_core.train.epochs import left_out
-from conftest import ROOT, SMALL_DATA, ZERO3_GATHERS, decoded_rows
+from conftest import ROOT, SMALL_DATA, ZERO3_GATHERS, decoded_rows, load_script
 
 pytestmark = pytest.mark.slow
 
@@ -65,22 +65,13 @@ def assert_has_duplicate_uids(shards_dir) -> None:
     assert len([k for k in keys if "#" in k]) == 2 and len(set(keys)) == len(keys)
 
 
-def load_pipeline(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"pipeline_{name}", ROOT / "pipelines" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def chain(ray_session, tmp_path_factory):
     """pipelines/all.py's run_all on a small synthetic set: data, the four stages, evaluation."""
     root = tmp_path_factory.mktemp("chain")
     cfg = cfg_for(root, *CHAIN_DATA, *CHAIN_RL)
     t0 = time.time()
-    out = load_pipeline("all").run_all(cfg)
+    out = load_script(ROOT / "pipelines" / "all.py").run_all(cfg)
     print(f"chain took {time.time() - t0:.0f}s\n{out['table']}")
     return cfg, out, stages.tracker_for(cfg)
 
@@ -339,7 +330,7 @@ def test_inference_pool_of_two_actors_covers_every_row_once(chain):
 def test_rerun_skips_complete_stages(chain):
     cfg, out, _ = chain
     t0 = time.time()
-    again = load_pipeline("all").run_all(cfg)
+    again = load_script(ROOT / "pipelines" / "all.py").run_all(cfg)
     assert again["table"] == out["table"] and time.time() - t0 < 60
 
 
