@@ -348,6 +348,12 @@ class StageConfig:
     mask_frames: int = 0
     val_rows: int = 0  # >0: validate on at most this many rows
     val_every_epochs: int = 1  # validation (and its overlays) every N epochs and after the last step
+    # >0: after the last step, this many steps of seg_proj (afresh, at head_lr, on the [SEG] states
+    # standardised per feature) and the mask decoder (at lr) alone, on the frozen final states of the
+    # train rows with a referent (aurora_core/train/head_fit.py: why, and what it holds in memory).
+    # Needs data.cache_frozen_features
+    head_steps: int = 0
+    head_lr: float = 5e-4
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs must be >= 1")
@@ -355,6 +361,7 @@ class StageConfig:
         _check(self.lr > 0, "lr must be > 0")
         _check(self.llm_lr >= 0, "llm_lr must be >= 0 (0: the LLM at lr as well)")
         _check(self.mask_frames >= 0, "mask_frames must be >= 0 (0: every frame)")
+        _check(self.head_steps >= 0 and self.head_lr > 0, "head_steps must be >= 0 and head_lr > 0")
         _check(min(self.lm_weight, self.bce_weight, self.dice_weight, self.distill_weight) >= 0,
                "loss weights must be >= 0")
 
@@ -590,6 +597,12 @@ class AuroraConfig:
         _check(self.text_pretrain.steps == 0 or m.is_tiny,
                "text_pretrain.steps > 0 pretrains the tiny model's random LLM; a real checkpoint "
                f"(model.llm_path={m.llm_path}) is pretrained already: set text_pretrain.steps=0")
+        _check(not self.reflect.head_steps, "reflect.head_steps must be 0: the reflect stage trains on the stage-1 "
+               "model's answers and keeps the head that SFT's fit left (set sft.head_steps)")
+        fits = [s for s in ("teacher", "sft") if getattr(self, s).head_steps]
+        _check(not fits or self.data.cache_frozen_features,
+               f"{', '.join(f'{s}.head_steps' for s in fits)} > 0: the head fit reads SAM's embeddings from the "
+               "frozen-feature cache; set data.cache_frozen_features=true or the head_steps to 0")
         bad = [s for s in self.eval.splits or () if s not in self.data.splits]
         _check(not bad, f"eval.splits {bad} are not splits of the {self.data.benchmark} benchmark "
                         f"({', '.join(self.data.splits)})")
@@ -610,7 +623,10 @@ class AuroraConfig:
                                    num_frames=AVSBENCH_FRAMES, audio_seconds=u.audio_seconds,
                                    frozen_features_dir=None, cache_frozen_features=cache,
                                    cache_towers=cache and self.data.cache_towers)
-        return dataclasses.replace(self, data=data, eval=dataclasses.replace(self.eval, splits=None))
+        # evaluation only: no stage trains, so no head fit reads a cache
+        return dataclasses.replace(self, data=data, eval=dataclasses.replace(self.eval, splits=None),
+                                   teacher=dataclasses.replace(self.teacher, head_steps=0),
+                                   sft=dataclasses.replace(self.sft, head_steps=0))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AuroraConfig:

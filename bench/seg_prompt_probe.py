@@ -51,78 +51,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aurora_core import cli, losses, reasoning, stages  # noqa: E402
-from aurora_core.config import load_config  # noqa: E402
-from aurora_core.data import shards  # noqa: E402
-from aurora_core.metrics import mask_iou  # noqa: E402
+from aurora_core import cli, reasoning, stages  # noqa: E402
+from aurora_core.config import StageConfig, load_config  # noqa: E402
+from aurora_core.metrics import J_THRESHOLD, mask_iou  # noqa: E402
+from aurora_core.train import head_fit  # noqa: E402
 from aurora_core.model.build import load_export  # noqa: E402
 
-THRESHOLD = 0.4  # Ref-AVS's J threshold
 ROWS, FRAMES, LR = 16, 3, 5e-3  # a step of part 2, as the supervised stages
 # the fresh seg_proj on standardised states (tiny default: 0.34 after 400 steps at 5e-3, 0.35 and 0.38
 # after 900 at 2e-3 and 1e-3; at 5e-4 0.43 after 1,250)
 STANDARDISED_LR = 5e-4
 
 
-def read_split(layout: stages.RunLayout, split: str) -> dict[str, np.ndarray]:
-    """The split's rows that have a referent, decoded with the frozen-feature cache (no media)."""
-    import pyarrow.parquet as pq
-
-    d = layout.cfg.data
-    table = pq.read_table(shards.split_files(layout.shards, [split]))
-    raw = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
-           if c not in shards.MEDIA_COLUMNS}
-    dec = shards.decode_batch(raw, d.frame_size, d.num_frames, d.sample_rate, d.audio_seconds,
-                              features_dir=d.features_dir)
-    keep = dec["has_target"]
-    return {k: v[keep] for k, v in dec.items()}
-
-
-def seg_hidden(model, proc, rows: dict[str, np.ndarray], stage: str, batch: int = 32) -> torch.Tensor:
-    """[N, H] the last hidden state at the answer's [SEG], teacher-forced (seg_proj's input)."""
-    seen: dict[str, torch.Tensor] = {}
-    hook = model.seg_proj.register_forward_hook(lambda m, args, out: seen.update(h=args[0].detach()))
-    out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(rows["key"]), batch):
-                b = shards.collate({k: v[i:i + batch] for k, v in rows.items()})
-                answers = ([reasoning.direct_answer(c) for c in b["class"]] if stage == "teacher" else list(b["cot"]))
-                model(proc.train_batch(b, answers), with_masks=False)
-                out.append(seen["h"].float())
-    finally:
-        hook.remove()
-    return torch.cat(out)
-
-
-def decode(model, prompts: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """[B, D] prompts x [B*T, D, e, e] SAM embeddings -> mask logits [B, T, S, S]."""
-    b = prompts.shape[0]
-    return model.decode_masks(prompts, torch.zeros(b, emb.shape[0] // b), torch.ones(b, dtype=torch.bool), emb)
-
-
-def gt_at(masks: np.ndarray, size: int) -> torch.Tensor:
-    return torch.nn.functional.interpolate(torch.from_numpy(masks).float(), size=(size, size), mode="nearest")
-
-
-def test_ious(model, prompts: torch.Tensor, te: dict[str, np.ndarray]) -> tuple[float, list[torch.Tensor]]:
-    """Mean IoU over test rows (their frames with ground truth) and each row's mask logits."""
-    ious, logits = [], []
-    with torch.no_grad():
-        for i in range(0, len(te["key"]), 8):
-            emb = torch.from_numpy(te["sam_embeddings"][i:i + 8]).float().flatten(0, 1)
-            m = decode(model, prompts[i:i + 8], emb)
-            gt = gt_at(te["masks"][i:i + 8], m.shape[-1])
-            for j in range(m.shape[0]):
-                valid = torch.from_numpy(te["gt_frames"][i + j])
-                ious.append(mask_iou(m[j][valid], gt[j][valid], THRESHOLD))
-                logits.append(m[j])
-    return float(np.mean(ious)), logits
-
-
 def moved(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Mean over rows of the IoU between two predictions' foregrounds (1.0: the same masks)."""
-    return float(np.mean([mask_iou(x, (torch.sigmoid(y) > THRESHOLD).float(), THRESHOLD) for x, y in zip(a, b)]))
+    return float(np.mean([mask_iou(x, (torch.sigmoid(y) > J_THRESHOLD).float(), J_THRESHOLD) for x, y in zip(a, b)]))
 
 
 def standardiser(h_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,30 +100,19 @@ def class_probe(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Tens
 
 def train_decoder(model, prompt_of, params: list[torch.nn.Parameter], tr: dict[str, np.ndarray], steps: int,
                   label: str, te: dict[str, np.ndarray], test_prompts, params_lr: float = LR) -> None:
-    """``steps`` steps of the decoder (at LR) and ``params`` (at ``params_lr``) on train rows;
+    """``steps`` steps of the decoder (at LR) and ``params`` (at ``params_lr``) on train rows, the row
+    and frame draws of seed 0 for every prompt (head_fit.train_head, as the stages' head fit);
     ``prompt_of(idx)`` -> [B, D]; the loss and the test_s IoU (``test_prompts()``) every quarter."""
-    opt = torch.optim.AdamW([{"params": list(model.sam.mask_decoder.parameters())},
-                             {"params": params, "lr": params_lr}], lr=LR, weight_decay=0.0)
-    rng = np.random.default_rng(0)  # the same row and frame draws for every prompt
-    n, t = len(tr["key"]), tr["masks"].shape[1]
     t0 = time.time()
-    for step in range(steps):
-        idx = rng.choice(n, ROWS, replace=False)
-        frames = torch.from_numpy(np.stack([rng.choice(t, FRAMES, replace=False) for _ in idx]))
-        rows = torch.arange(ROWS)[:, None]
-        emb = torch.from_numpy(tr["sam_embeddings"][idx]).float()[rows, frames].flatten(0, 1)
-        m = decode(model, prompt_of(idx), emb)
-        gt = gt_at(tr["masks"][idx], m.shape[-1])[rows, frames]
-        valid = torch.from_numpy(tr["gt_frames"][idx])[rows, frames]
-        loss = 2.0 * losses.mask_bce(m, gt, valid=valid) + 0.5 * losses.dice_loss(m, gt, valid=valid)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if (step + 1) % max(1, steps // 4) == 0:
-            with torch.no_grad():
-                iou = test_ious(model, test_prompts(), te)[0]
-            print(f"  [{label}] step {step + 1}/{steps}: loss {loss.item():.4f}, test_s IoU {iou:.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+
+    def report(step: int, loss: float) -> None:
+        with torch.no_grad():
+            iou = head_fit.mean_iou(model, test_prompts(), te)[0]
+        print(f"  [{label}] step {step}/{steps}: loss {loss:.4f}, test_s IoU {iou:.4f} ({time.time() - t0:.0f}s)",
+              flush=True)
+
+    head_fit.train_head(model, prompt_of, params, tr, steps, lr=LR, params_lr=params_lr, batch=ROWS, frames=FRAMES,
+                        st=StageConfig(), seed=0, report=report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,20 +135,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.tiny.llm_weights = str(base)  # the run's pretrained LLM (the export overwrites what it trained)
     stages.require_shards(layout)
     torch.manual_seed(0)
-    tr, te = read_split(layout, "train"), read_split(layout, "test_s")
+    tr, te = (head_fit.read_rows(layout.shards, split, cfg.data) for split in ("train", "test_s"))
     model, proc, _ = load_export(export, cfg.data, trainable=False, runtime=cfg.model)
     model.eval()
     print(f"[probe] {export}: {len(tr['key'])} train and {len(te['key'])} test_s rows with a referent", flush=True)
 
     # 1. the export as trained
     t0 = time.time()
-    h_tr, h_te = seg_hidden(model, proc, tr, args.stage), seg_hidden(model, proc, te, args.stage)
+    answers = (lambda b: (None, [reasoning.direct_answer(c) for c in b["class"]])) if args.stage == "teacher" else (
+        lambda b: (None, list(b["cot"])))
+    h_tr, h_te = (head_fit.seg_states(model, proc, rows, answers) for rows in (tr, te))
     classes = sorted(set(tr["class"]) | set(te["class"]))
     y = lambda rows: torch.tensor([classes.index(c) for c in rows["class"]])  # noqa: E731
     probe_train, probe_test = class_probe(h_tr, y(tr), h_te, y(te), len(classes))
     with torch.no_grad():
-        seg = model.seg_proj(h_te.to(model.seg_proj[0].weight.dtype)).float()
-    own_iou, own = test_ious(model, seg, te)
+        seg = model.seg_proj(model.seg_norm(h_te.to(model.seg_proj[0].weight.dtype))).float()
+    own_iou, own = head_fit.mean_iou(model, seg, te)
     g = torch.Generator().manual_seed(0)
     rand = torch.randn(seg.shape, generator=g)
     swaps = {"another row's": seg.roll(1, 0), "zero": torch.zeros_like(seg),
@@ -227,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
              "class_probe_train": probe_train, "class_probe_test": probe_test,
              "iou": {"own": own_iou}, "same_masks_as_own": {}}
     for name, s in swaps.items():
-        part1["iou"][name], logits = test_ious(model, s, te)
+        part1["iou"][name], logits = head_fit.mean_iou(model, s, te)
         part1["same_masks_as_own"][name] = moved(logits, own)
     print(f"[probe] 1. {args.stage} as trained ({time.time() - t0:.0f}s): [SEG] prompt norm "
           f"{part1['prompt_norm']:.2f}, spread over rows {part1['prompt_spread']:.2f}; the [SEG] hidden state "
@@ -258,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.requires_grad_(True)
             if name.startswith("seg_proj"):
                 params = list(model.seg_proj.parameters())
-                prompt_of = lambda idx: model.seg_proj(h_tr[idx])  # noqa: E731
-                test_prompts = lambda: model.seg_proj(h_te)  # noqa: E731
+                prompt_of = lambda idx: model.seg_proj(model.seg_norm(h_tr[idx]))  # noqa: E731
+                test_prompts = lambda: model.seg_proj(model.seg_norm(h_te))  # noqa: E731
             elif name.startswith("fresh"):
                 proj = copy.deepcopy(model.seg_proj)
                 for layer in proj:
@@ -276,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 test_prompts = lambda t=table, p=pick: t(p(cls_te))  # noqa: E731
             train_decoder(model, prompt_of, params, tr, args.steps, name, te, test_prompts, params_lr)
             with torch.no_grad():
-                part2[name] = test_ious(model, test_prompts(), te)[0]
+                part2[name] = head_fit.mean_iou(model, test_prompts(), te)[0]
         print(f"[probe] 2. the {args.stage} decoder trained {args.steps} steps of {ROWS} rows per prompt:")
         for name, v in part2.items():
             print(f"{name:<30} test_s IoU {v:.4f}")

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from aurora_core import losses
 from aurora_core.model.build import build_model, export_merged, load_export, parameter_report, save_export
@@ -150,6 +151,8 @@ def test_save_load_round_trip_and_merged_export(built, batch, small_cfg, tmp_pat
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.02)
+        model.seg_norm.mean.normal_()  # the head fit's standardiser: buffers that travel in heads.safetensors
+        model.seg_norm.scale.uniform_(0.5, 2.0)
     model.eval()
     inp = proc.train_batch(batch, batch["cot"])
     with torch.no_grad():
@@ -163,6 +166,13 @@ def test_save_load_round_trip_and_merged_export(built, batch, small_cfg, tmp_pat
     assert torch.equal(proc2.train_batch(batch, batch["cot"]).input_ids, inp.input_ids)
     assert torch.allclose(got.logits, ref.logits, atol=1e-5)
     assert torch.allclose(got.mask_logits, ref.mask_logits, atol=1e-5)
+    assert torch.equal(loaded.seg_norm.mean, model.seg_norm.mean) and torch.equal(loaded.seg_norm.scale, model.seg_norm.scale)
+    # an export written before seg_norm existed: its seg_proj read the raw state, and loads so (the identity)
+    heads = load_file(str(tmp_path / "export" / "heads.safetensors"))
+    save_file({k: v for k, v in heads.items() if not k.startswith("seg_norm.")}, str(tmp_path / "export" / "heads.safetensors"))
+    older, _, _ = load_export(tmp_path / "export", small_cfg.data, trainable=False)
+    assert not older.seg_norm.mean.any() and bool((older.seg_norm.scale == 1).all())
+    save_file(heads, str(tmp_path / "export" / "heads.safetensors"))
     export_merged(tmp_path / "export", tmp_path / "merged", small_cfg.data)
     merged, proc3, m3 = load_export(tmp_path / "merged", small_cfg.data, trainable=False)
     assert not merged.has_lora and not m3.lora.enabled

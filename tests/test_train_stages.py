@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from aurora_core import stages
 from aurora_core.config import load_config
@@ -30,6 +31,7 @@ TRAIN = ["train.num_workers=2", "train.cpus_per_worker=0.5", "train.overlay_clip
          "teacher.batch_size=4", "sft.batch_size=4", "reflect.batch_size=4",
          "teacher.epochs=1", "sft.epochs=3", "sft.lr=5e-3",
          "sft.val_every_epochs=3", "reflect.epochs=1",
+         "teacher.head_steps=8", "sft.head_steps=8",  # the head fit's path, not its 2,500 steps
          "inference.max_new_tokens=40", "inference.batch_size=16"]
 CHAIN_DATA = ["data.synthetic.train_clips=36"]  # ~100 train rows: 12 steps per epoch
 # the default draws 8 prompts x 6 samples a step with dynamic sampling: the chain keeps 4 x 3, one refill round
@@ -95,6 +97,18 @@ def test_each_stage_exports_and_checkpoints(chain):
         assert {"trainable.safetensors", "optimizer.safetensors", "state.json"} <= {p.name for p in ckpts[-1].iterdir()}
     assert reflect["corrected"] + reflect["kept"] == reflect["rows"] > 0
     assert is_export(layout.export("grpo"))
+    # the head fit ended the teacher and SFT (rank 0, in the export step): its standardiser is in their
+    # heads, and reflect and GRPO carry SFT's unchanged (buffers, measured once)
+    norms = {s: {k: v for k, v in load_file(str(layout.export(s) / "heads.safetensors")).items() if k.startswith("seg_norm.")}
+             for s in stages.STAGES}
+    for stage in ("teacher", "sft"):
+        fit = json.loads((layout.export(stage) / "aurora.json").read_text())["head_fit"]
+        assert fit["head/steps"] == 8 and 0.0 <= fit["head/val_iou"] <= 1.0, fit
+        assert set(norms[stage]) == {"seg_norm.mean", "seg_norm.scale"}
+        assert not torch.equal(norms[stage]["seg_norm.scale"], torch.ones_like(norms[stage]["seg_norm.scale"]))
+    assert "head_fit" not in json.loads((layout.export("reflect") / "aurora.json").read_text())
+    for stage in ("reflect", "grpo"):
+        assert all(torch.equal(norms[stage][k], norms["sft"][k]) for k in norms["sft"]), stage
     assert (layout.stage_dir("reflect") / "answers.parquet").is_file()
     assert (layout.stage_dir("reflect") / "shards" / "manifest.json").is_file()
 
@@ -113,7 +127,7 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     for stage in ("teacher", "sft", "reflect"):
         run = children[stage]
         assert run.info.status == "FINISHED"
-        assert run.data.params["sft.distill_weight"] == "0.1" and run.data.params["data.num_frames"] == "10"
+        assert run.data.params["sft.distill_weight"] == "0.01" and run.data.params["data.num_frames"] == "10"
         for key in ("train/loss", "train/lm", "train/bce", "train/dice", "train/lr", "train/samples_per_s",
                     "train/tokens_per_s", "train/step_time_s", "val/loss", "val/J"):
             assert key in run.data.metrics, (stage, key)

@@ -3,6 +3,8 @@
 - ``llm``: a Qwen2.5-Omni thinker (video + audio + text), usually wrapped by peft LoRA.
 - ``seg_proj``: MLP H -> H -> D (D = SAM prompt width, 256 for SAM ViT-H) on the last-layer hidden
   state at the answer's ``[SEG]`` token; its output is the sparse prompt of the mask decoder.
+- ``seg_norm``: that state standardised per feature before ``seg_proj``, with statistics a stage's
+  head fit measured (``<stage>.head_steps``, aurora_core/train/head_fit.py); the identity until then.
 - ``sam``: transformers ``SamModel``; the image encoder (frozen, no grad) embeds each frame once,
   the mask decoder returns one mask per frame, upsampled to the data's frame size.
 
@@ -77,6 +79,19 @@ def _last_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return last >= 0, last.clamp(min=0)
 
 
+class Standardiser(nn.Module):
+    """``(h - mean) * scale`` per feature. Buffers, not parameters: the statistics are measured (by a
+    head fit), never trained, and travel with the export's heads.safetensors. The identity at build."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))  # [H]
+        self.register_buffer("scale", torch.ones(width))  # [H] 1 / standard deviation
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - self.mean.to(h.dtype)) * self.scale.to(h.dtype)
+
+
 class AuroraModel(nn.Module):
     def __init__(self, llm: nn.Module, sam: nn.Module, seg_token_id: int, mask_size: int, encoder_batch: int = 8):
         super().__init__()
@@ -85,6 +100,7 @@ class AuroraModel(nn.Module):
         self.sam = sam
         hidden = llm.config.get_text_config().hidden_size
         prompt_dim = sam.config.mask_decoder_config.hidden_size
+        self.seg_norm = Standardiser(hidden)
         self.seg_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, prompt_dim))
         self.seg_token_id = seg_token_id
         self.mask_size = mask_size
@@ -147,7 +163,7 @@ class AuroraModel(nn.Module):
             is_seg[:, :seg_from] = False
         has_seg, pos = _last_index(is_seg)  # the answer's (last) [SEG]
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-        seg = self.seg_proj(h) * has_seg[:, None].to(h.dtype)
+        seg = self.seg_proj(self.seg_norm(h)) * has_seg[:, None].to(h.dtype)
         emb = features.image_embeddings if features is not None else inputs.sam_image_embeddings
         pixels = inputs.sam_pixel_values
         if mask_frames is not None:

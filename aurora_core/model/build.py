@@ -9,7 +9,7 @@ Export directory (HF-style, no pickle anywhere)::
     adapter/                    peft save_pretrained: LoRA + lm_head/embed_tokens (safetensors)
     llm/                        full thinker weights instead of base/+adapter/ when LoRA is off
     sam/                        SamModel weights when SAM is tiny; real runs reference sam_path
-    heads.safetensors           seg_proj.* and sam.mask_decoder.* (the trainable non-LLM parts)
+    heads.safetensors           seg_proj.*, seg_norm.* (its input's standardiser) and sam.mask_decoder.*
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -206,6 +206,7 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
         torch.manual_seed(m.tiny.init_seed + 2)
         model = AuroraModel(llm, sam, proc.seg_id, data.frame_size, m.encoder_batch)
     model.seg_proj.to(dtype)
+    model.seg_norm.to(dtype)
     return model, proc
 
 
@@ -226,6 +227,7 @@ def parameter_report(model: AuroraModel) -> dict[str, dict[str, int]]:
 
 def head_state(model: AuroraModel) -> dict[str, torch.Tensor]:
     sd = {f"seg_proj.{k}": v for k, v in model.seg_proj.state_dict().items()}
+    sd.update({f"seg_norm.{k}": v for k, v in model.seg_norm.state_dict().items()})
     sd.update({f"sam.mask_decoder.{k}": v for k, v in model.sam.mask_decoder.state_dict().items()})
     sd.update(token_rows.row_state(model.thinker))
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
@@ -328,6 +330,9 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
     model = AuroraModel(llm, sam, proc.seg_id, data.frame_size, m.encoder_batch)
     heads = load_file(str(path / "heads.safetensors"))
     model.seg_proj.load_state_dict({k[len("seg_proj."):]: v for k, v in heads.items() if k.startswith("seg_proj.")})
+    norm = {k[len("seg_norm."):]: v for k, v in heads.items() if k.startswith("seg_norm.")}
+    if norm:  # an export from before seg_norm: its seg_proj read the raw state (the identity stays)
+        model.seg_norm.load_state_dict(norm)
     with gathered(model.sam.mask_decoder.parameters(), modifier_rank=0):  # partitioned under model.zero_init
         model.sam.mask_decoder.load_state_dict(
             {k[len("sam.mask_decoder."):]: v for k, v in heads.items() if k.startswith("sam.mask_decoder.")})
@@ -341,9 +346,11 @@ def load_export(path: str | Path, data: DataConfig, trainable: bool = True, dtyp
 
 
 def export_with_weights(init: str | Path | None, m: ModelConfig, data: DataConfig, weights: dict[str, torch.Tensor],
-                        out: Path, extra: dict[str, Any]) -> Path:
+                        out: Path, extra: dict[str, Any],
+                        before_save: Callable[[AuroraModel, AuroraProcessor], dict[str, Any]] | None = None) -> Path:
     """Export = the starting model (an export, or a fresh one from ``m``) with the trained weights
-    gathered from a ZeRO-3 engine (trainable parameters by name) copied in."""
+    gathered from a ZeRO-3 engine (trainable parameters by name) copied in; ``before_save`` (the
+    stage's head fit) then changes the plain model in place, and what it returns joins ``extra``."""
     if init:
         model, proc, m = load_export(init, data, trainable=True)
     else:
@@ -355,6 +362,8 @@ def export_with_weights(init: str | Path | None, m: ModelConfig, data: DataConfi
     with torch.no_grad():
         for n, v in weights.items():
             named[n].copy_(v.to(named[n].dtype))
+    if before_save is not None:
+        extra = {**extra, **before_save(model, proc)}
     return save_export(model, proc, m, out, extra=extra)
 
 

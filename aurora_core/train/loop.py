@@ -6,7 +6,8 @@ optimizer step: LM + mask (BCE + Dice) (+ [SEG] distillation) loss, gradient acc
 and cosine LR. Per epoch: validation (loss and teacher-forced J), mask overlays, a checkpoint
 through ``ray.train.report``. Restarts (``FailureConfig``) and reruns with the same run name resume
 from the newest checkpoint: model, optimizer, scheduler, RNG and the data position. At the end
-rank 0 writes the stage's export, which the next stage loads.
+rank 0 writes the stage's export, which the next stage loads, after the head fit
+(``<stage>.head_steps``, aurora_core/train/head_fit.py) where the stage has one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aurora_core.config import AuroraConfig, StageConfig, config_from_dict, to_d
 from aurora_core.data import shards
 from aurora_core.metrics import SplitMetrics, mask_iou
 from aurora_core.train import checkpoint as ckpt_io
+from aurora_core.train import head_fit
 from aurora_core.train import zero3
 from aurora_core.train.epochs import train_datasets, val_dataset, write_resume_file
 
@@ -412,8 +414,17 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         from aurora_core.model.build import export_with_weights
 
+        fit = None
+        if st.head_steps:
+            def fit(model, proc) -> dict[str, Any]:
+                out = head_fit.fit(model, proc, st, cfg.data, spec.train_shards, spec.val_shards,
+                                   lambda batch: targets(spec, batch), cfg.run.seed, spec.stage)
+                logger.metrics(out, state.global_step)
+                return {"head_fit": out}
+
         export_with_weights(spec.init, cfg.model, cfg.data, params, Path(spec.export_dir),
-                            extra={"stage": spec.stage, "global_step": state.global_step, "metrics": metrics})
+                            extra={"stage": spec.stage, "global_step": state.global_step, "metrics": metrics},
+                            before_save=fit)
         logger.tag("aurora.export", spec.export_dir)
         logger.text(spec.export_dir + "\n", "export_path.txt")
     dist.barrier()
