@@ -20,7 +20,8 @@ and ``exports/<stage>``, every row teacher-forced on the answer its stage trains
    frames each, AdamW at 5e-3, 2 x BCE + 0.5 x Dice as the stages) on the frozen SAM embeddings,
    with four prompts: one learned vector for every row (a prior: the best mask without a
    referent), one learned vector per target class (an oracle that names the class), the export's
-   ``seg_proj`` on the frozen ``[SEG]`` hidden states (what the model can pass on), and a fresh
+   ``seg_proj`` on the frozen ``[SEG]`` hidden states, through its ``seg_norm`` (the identity unless
+   the stage ended with a head fit, aurora_core/train/head_fit.py: what the model can pass on), and a fresh
    ``seg_proj`` on the same states standardised per feature with the train rows' mean and standard
    deviation, at 5e-4 (the states are one large shared vector plus a small per-row part; the class is
    13 % of that part's variance on the tiny default). test_s IoU of each, also at every quarter of
