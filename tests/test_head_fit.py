@@ -70,3 +70,21 @@ def test_the_head_fit_needs_the_frozen_feature_cache():
                     ["data.cache_frozen_features=false", "data.cache_towers=false", "teacher.head_steps=0"])
     with pytest.raises(ConfigError, match="reflect.head_steps must be 0"):
         load_config(ROOT / "configs" / "tiny.yaml", ["reflect.head_steps=10"])
+
+
+def test_the_standardiser_keeps_fp32_statistics_in_a_bf16_model():
+    """A [SEG] state of norm ~13 whose per-row part has sd ~0.05 a feature: bf16 statistics (3 significant
+    digits) would shift each feature by up to half a standard deviation. model.to(bf16) and DeepSpeed's cast
+    leave them fp32."""
+    from aurora_core.model.aurora import Standardiser
+
+    s = Standardiser(4)
+    s.mean.fill_(13.1234)
+    s.scale.fill_(20.0)
+    m = torch.nn.Sequential(s).to(torch.bfloat16)
+    assert m[0].mean.dtype == torch.float32 and m[0].mean[0].item() == pytest.approx(13.1234, abs=1e-5)
+    m.half()
+    assert m[0].scale.dtype == torch.float32
+    h = torch.full((2, 4), 13.1734)
+    assert torch.allclose(m(h), torch.ones(2, 4), atol=1e-4)  # fp32 in, fp32 statistics: exact
+    assert m(h.bfloat16()).dtype == torch.bfloat16

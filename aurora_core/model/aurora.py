@@ -88,8 +88,17 @@ class Standardiser(nn.Module):
         self.register_buffer("mean", torch.zeros(width))  # [H]
         self.register_buffer("scale", torch.ones(width))  # [H] 1 / standard deviation
 
+    def _apply(self, fn, recurse=True):
+        # the statistics stay fp32 under model.to(bf16) (and DeepSpeed's bf16 cast): a state of norm ~13
+        # with features of sd ~0.05 loses its per-row part to bf16's 3 significant digits
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)  # where the module goes (device); the fp32 values move there as they are
+            return t.to(out.device, torch.float32) if t.is_floating_point() else out
+
+        return super()._apply(keep_fp32, recurse)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return (h - self.mean.to(h.dtype)) * self.scale.to(h.dtype)
+        return ((h.float() - self.mean) * self.scale).to(h.dtype)
 
 
 class AuroraModel(nn.Module):

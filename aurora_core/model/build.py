@@ -206,7 +206,6 @@ def build_model(m: ModelConfig, data: DataConfig) -> tuple[AuroraModel, AuroraPr
         torch.manual_seed(m.tiny.init_seed + 2)
         model = AuroraModel(llm, sam, proc.seg_id, data.frame_size, m.encoder_batch)
     model.seg_proj.to(dtype)
-    model.seg_norm.to(dtype)
     return model, proc
 
 
