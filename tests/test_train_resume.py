@@ -55,7 +55,8 @@ def test_worker_kill_then_driver_stop_resume_exactly_once(small_shards, tmp_path
     every epoch's rows are trained exactly once, as in an uninterrupted run."""
     epochs = 2
     # the frozen encoders run in the forward (no cache job to start in each of the two runs)
-    args = [sys.executable, "pipelines/teacher.py", *SMALL_DATA, *NO_CACHE, *TRAIN, f"run.root={tmp_path}",
+    # NO_CACHE after TRAIN: its head_steps=0 overrides the chain's (the head fit needs the cache)
+    args = [sys.executable, "pipelines/teacher.py", *SMALL_DATA, *TRAIN, *NO_CACHE, f"run.root={tmp_path}",
             f"data.shards={small_shards}", f"teacher.epochs={epochs}", f"teacher.val_every_epochs={epochs}",
             "train.checkpoint_every_steps=2", "train.max_failures=3", "ray.num_cpus=4", "ray.object_store_mb=256",
             # the kill waits for the first checkpoint (400 s): no text pretraining before the teacher here (the
