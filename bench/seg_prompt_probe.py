@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 test_prompts = lambda: model.seg_proj(model.seg_norm(h_te))  # noqa: E731
             elif name.startswith("fresh"):
                 proj = copy.deepcopy(model.seg_proj)
-                for layer in proj:
-                    if hasattr(layer, "reset_parameters"):
-                        layer.reset_parameters()
+                head_fit.reset_projection(proj, 0)  # the seed the loop set: the same init as before
                 params, params_lr = list(proj.parameters()), STANDARDISED_LR
                 prompt_of = lambda idx, f=proj: f((h_tr[idx] - mu) / sd)  # noqa: E731
                 test_prompts = lambda f=proj: f((h_te - mu) / sd)  # noqa: E731

@@ -17,8 +17,9 @@ takes their per-feature mean and standard deviation; ``seg_proj`` starts afresh 
 learns at ``head_lr`` with the decoder at the stage's ``lr``, on seeded draws of rows and frames.
 It reads SAM's embeddings from the frozen-feature cache (``data.cache_frozen_features``) and holds
 them in memory (~42 MiB for the tiny default's train split; SAM ViT-H's are 2 MiB a frame, ~20 GiB
-for Ref-AVS's: the fit is for small heads, and says so past 8 GiB). Deterministic in the seed and independent of the worker count. A restart after the
-last training step redoes the fit from the last checkpoint (it is not checkpointed itself).
+for Ref-AVS's: the fit is for small heads, and says so past 8 GiB). Deterministic in the seed and
+independent of the worker count. A restart after the last training step redoes the fit from the last
+checkpoint (it is not checkpointed itself).
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ def train_head(model, prompt_of: Callable[[np.ndarray], torch.Tensor], params: l
     return loss.item()
 
 
+def reset_projection(proj: torch.nn.Sequential, seed: int) -> None:
+    """``seg_proj`` back to a fresh init, drawn from ``seed`` (the global RNG left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in proj:
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+
+
 def fit(model, proc, st: StageConfig, data: DataConfig, train_shards: str, val_shards: str, targets: Targets,
         seed: int, label: str) -> dict[str, float]:
     """The head fit on ``model`` in place (see the module docstring); returns its metrics (``head/*``),
@@ -153,16 +163,13 @@ def fit(model, proc, st: StageConfig, data: DataConfig, train_shards: str, val_s
                          f"{len(tr['key'])}")
     model.eval()  # dropout off: the states are the ones the export will produce
     h_tr, h_va = seg_states(model, proc, tr, targets), seg_states(model, proc, va, targets)
-    before = mean_iou(model, model.seg_proj(model.seg_norm(h_va.to(model.seg_proj[0].weight.dtype))), va)[0]
+    prompt = lambda h: model.seg_proj(model.seg_norm(h))  # noqa: E731  the [SEG] prompt of states [N, H]
+    before = mean_iou(model, prompt(h_va.to(model.seg_proj[0].weight.dtype)), va)[0]
     mean, sd = h_tr.mean(0), h_tr.std(0)
     with torch.no_grad():
         model.seg_norm.mean.copy_(mean)
         model.seg_norm.scale.copy_(1.0 / (sd + 1e-6))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for layer in model.seg_proj:
-                if hasattr(layer, "reset_parameters"):
-                    layer.reset_parameters()
+    reset_projection(model.seg_proj, seed)
     dtype = model.seg_proj[0].weight.dtype
     x_tr, x_va = h_tr.to(dtype), h_va.to(dtype)
     print(f"[{label}] head fit: {len(tr['key'])} train rows with a referent, states in {time.time() - t0:.0f}s "
@@ -172,17 +179,17 @@ def fit(model, proc, st: StageConfig, data: DataConfig, train_shards: str, val_s
 
     def report(step: int, loss: float) -> None:
         with torch.no_grad():
-            iou = mean_iou(model, model.seg_proj(model.seg_norm(x_va)), va)[0]
+            iou = mean_iou(model, prompt(x_va), va)[0]
         print(f"[{label}] head fit step {step}/{st.head_steps}: loss {loss:.4f} | val IoU {iou:.4f} "
               f"({time.time() - t1:.0f}s)", flush=True)
         log.info("head fit step %d: loss %.4f, val IoU %.4f", step, loss, iou)
 
     model.train()
-    last = train_head(model, lambda idx: model.seg_proj(model.seg_norm(x_tr[idx])), list(model.seg_proj.parameters()),
+    last = train_head(model, lambda idx: prompt(x_tr[idx]), list(model.seg_proj.parameters()),
                       tr, st.head_steps, lr=st.lr, params_lr=st.head_lr, batch=st.batch_size,
                       frames=st.mask_frames, st=st, seed=seed, report=report)
     model.eval()
     with torch.no_grad():
-        after = mean_iou(model, model.seg_proj(model.seg_norm(x_va)), va)[0]
+        after = mean_iou(model, prompt(x_va), va)[0]
     return {"head/val_iou_before": before, "head/val_iou": after, "head/loss": last,
             "head/steps": float(st.head_steps), "head/seconds": time.time() - t0}
