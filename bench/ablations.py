@@ -24,9 +24,8 @@ writes ``<run.root>/ablations.json`` and logs every run to one MLflow store
 frames of the rows of a kind (test_s), class accuracy and structure rate over test_s rows. A second
 table asks whether the mask follows the answer: of the test_s rows where the full model's weights on
 ablated inputs name another class than on the full ones, how far the IoU moved (mask_follows_answer).
-2,732 s on 2 CPU cores with the tiny default in a slow hour (SFT 463 s against 310 in the demo): the full
-pipeline 1,327 s (text pretraining 260 s, teacher 196 s, SFT 463 s, reflect 78 s, GRPO 156 s),
--distillation 833 s (SFT, reflect, GRPO), -reflect 202 s, each evaluation 43-77 s.
+1,549 s on 2 CPU cores with the tiny default in a quiet hour: the full pipeline 856 s, -distillation 482 s
+(SFT, reflect, GRPO), -reflect 58 s, each evaluation 18-32 s (2,732 s in a slow hour on a slower machine).
 """
 
 from __future__ import annotations

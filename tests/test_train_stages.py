@@ -127,7 +127,7 @@ def test_mlflow_holds_params_metrics_artifacts(chain):
     for stage in ("teacher", "sft", "reflect"):
         run = children[stage]
         assert run.info.status == "FINISHED"
-        assert run.data.params["sft.distill_weight"] == "0.01" and run.data.params["data.num_frames"] == "10"
+        assert run.data.params["sft.distill_weight"] == "0.005" and run.data.params["data.num_frames"] == "10"
         for key in ("train/loss", "train/lm", "train/bce", "train/dice", "train/lr", "train/samples_per_s",
                     "train/tokens_per_s", "train/step_time_s", "val/loss", "val/J"):
             assert key in run.data.metrics, (stage, key)
