@@ -164,14 +164,14 @@ def fit(model, proc, st: StageConfig, data: DataConfig, train_shards: str, val_s
     model.eval()  # dropout off: the states are the ones the export will produce
     h_tr, h_va = seg_states(model, proc, tr, targets), seg_states(model, proc, va, targets)
     prompt = lambda h: model.seg_proj(model.seg_norm(h))  # noqa: E731  the [SEG] prompt of states [N, H]
-    before = mean_iou(model, prompt(h_va.to(model.seg_proj[0].weight.dtype)), va)[0]
+    dtype = model.seg_proj[0].weight.dtype
+    x_tr, x_va = h_tr.to(dtype), h_va.to(dtype)
+    before = mean_iou(model, prompt(x_va), va)[0]
     mean, sd = h_tr.mean(0), h_tr.std(0)
     with torch.no_grad():
         model.seg_norm.mean.copy_(mean)
         model.seg_norm.scale.copy_(1.0 / (sd + 1e-6))
     reset_projection(model.seg_proj, seed)
-    dtype = model.seg_proj[0].weight.dtype
-    x_tr, x_va = h_tr.to(dtype), h_va.to(dtype)
     print(f"[{label}] head fit: {len(tr['key'])} train rows with a referent, states in {time.time() - t0:.0f}s "
           f"(norm {float(h_tr.norm(dim=1).mean()):.2f}); val IoU as trained {before:.4f}; {st.head_steps} steps",
           flush=True)
